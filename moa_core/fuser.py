@@ -1,0 +1,88 @@
+"""The fuser: a subject's word token and its image embedding -> the token the personal branch sees."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .helpers import like
+
+
+@dataclass(frozen=True)
+class FuserConfig:
+    text_dim: int = 768  # width of the text encoder's output tokens
+    image_dim: int = 768  # width of the image embedding (CLIP ViT-L/14 projected)
+    hidden_dim: int = 768
+    timestep_conditioning: bool = True  # fused token depends on the diffusion timestep
+    layer_conditioning: bool = True  # ... and on which cross-attention layer reads it
+    num_layers: int = 0  # cross-attention layers the layer embedding indexes
+    cond_dim: int = 128  # width of the timestep and layer embeddings
+
+
+def timestep_features(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features [b, dim] of diffusion timesteps [b] (0..999)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timestep.device, dtype=torch.float32) / half)
+    angles = timestep.float()[:, None] * freqs[None]
+    return F.pad(torch.cat([angles.cos(), angles.sin()], dim=-1), (0, dim - 2 * half))
+
+
+class Fuser(nn.Module):
+    """FastComposer-style MLP on [word token; image embedding] (+ timestep and layer embeddings).
+
+    The output is the word token plus the MLP's correction. The last layer starts at zero, so an
+    untrained fuser returns the word token exactly and the personal branch reads the plain prompt.
+    """
+
+    def __init__(self, config: FuserConfig) -> None:
+        super().__init__()
+        self.config = config
+        in_dim = config.text_dim + config.image_dim
+        if config.timestep_conditioning:
+            self.time_proj = nn.Linear(config.cond_dim, config.cond_dim)
+            in_dim += config.cond_dim
+        if config.layer_conditioning:
+            if config.num_layers < 1:
+                raise ValueError("FuserConfig.num_layers must be at least 1 with layer_conditioning")
+            self.layer_embedding = nn.Embedding(config.num_layers, config.cond_dim)
+            in_dim += config.cond_dim
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, config.hidden_dim)
+        self.fc2 = nn.Linear(config.hidden_dim, config.hidden_dim)
+        self.fc3 = nn.Linear(config.hidden_dim, config.text_dim)
+        with torch.no_grad():
+            self.fc3.weight.zero_()
+            self.fc3.bias.zero_()
+
+    def forward(
+        self,
+        word: torch.Tensor,
+        image: torch.Tensor,
+        timestep: torch.Tensor | None = None,
+        layer: int | None = None,
+    ) -> torch.Tensor:
+        """word [b, p, d] + image [p, e] (one per token) -> fused tokens [b, p, d].
+
+        `timestep` [b] is needed with timestep conditioning, `layer` (cross-attention layer index)
+        with layer conditioning.
+        """
+        b, p, _ = word.shape
+        parts = [word, like(image, word).expand(b, p, -1)]
+        if self.config.timestep_conditioning:
+            if timestep is None:
+                raise ValueError("this fuser is timestep-conditioned: pass the timestep")
+            t = timestep_features(timestep.reshape(-1).expand(b), self.config.cond_dim).to(word)
+            t = F.linear(t, like(self.time_proj.weight, word), like(self.time_proj.bias, word))
+            parts.append(t[:, None].expand(b, p, -1))
+        if self.config.layer_conditioning:
+            if layer is None:
+                raise ValueError("this fuser is layer-conditioned: pass the layer index")
+            emb = like(self.layer_embedding.weight[layer], word)
+            parts.append(emb.expand(b, p, -1))
+        h = torch.cat(parts, dim=-1)
+        h = F.layer_norm(h, h.shape[-1:], like(self.norm.weight, word), like(self.norm.bias, word))
+        h = F.gelu(F.linear(h, like(self.fc1.weight, word), like(self.fc1.bias, word)))
+        h = F.gelu(F.linear(h, like(self.fc2.weight, word), like(self.fc2.bias, word)))
+        return word + F.linear(h, like(self.fc3.weight, word), like(self.fc3.bias, word))

@@ -1,0 +1,61 @@
+"""Test setup shared by every tier.
+
+The pack is imported as the package `comfyui_moa` (see moa_pack.py). Tiers 2-4 need a ComfyUI
+checkout: COMFYUI_PATH, else the ComfyUI this pack sits in (custom_nodes/<pack>), else ~/ComfyUI.
+Without one, a plain run skips those tiers with one line; with MOA_REQUIRE_HOST=1 (as .ci/run sets)
+the run fails instead.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import moa_pack
+
+moa_pack.load()
+
+REPO = moa_pack.ROOT
+HOST_TIERS = ("host", "server", "browser")
+
+
+def find_host() -> Path | None:
+    candidates = []
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]))
+    if REPO.parent.name == "custom_nodes":
+        candidates.append(REPO.parent.parent)
+    candidates.append(Path.home() / "ComfyUI")
+    for path in candidates:
+        if (path / "main.py").is_file() and (path / "comfy").is_dir():
+            return path.resolve()
+    return None
+
+
+HOST = find_host()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if HOST is None:
+        if os.environ.get("MOA_REQUIRE_HOST") == "1":
+            raise pytest.UsageError("MOA_REQUIRE_HOST=1 but no ComfyUI host was found (set COMFYUI_PATH)")
+        return
+    if str(HOST) not in sys.path:
+        sys.path.insert(0, str(HOST))
+    import comfy.cli_args
+
+    # Before comfy.model_management is first imported: the CUDA build of torch would look for a GPU.
+    comfy.cli_args.args.cpu = True
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if HOST is None:
+        return "ComfyUI host: none found (COMFYUI_PATH, ../.., ~/ComfyUI): tiers 2-4 are skipped"
+    return f"ComfyUI host: {HOST}"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if HOST is None and collection_path.is_relative_to(REPO / "tests") and collection_path.parts[-1] in HOST_TIERS:
+        return True
+    return None
