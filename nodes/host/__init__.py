@@ -1,0 +1,1 @@
+"""ComfyUI glue: everything that imports comfy.*, imported lazily by the node functions."""

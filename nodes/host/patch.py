@@ -1,0 +1,262 @@
+"""The MoA patch: list hooks and wrappers on a model clone, nothing replaced, nothing monkeypatched.
+
+Per model call, a DIFFUSION_MODEL wrapper decides once whether MoA is active at this sigma and
+which batch rows are cond rows, and passes that plan down in `transformer_options`. In every
+transformer block, the attn1/attn2 input patches keep the attention's input; the output patches
+(which see the prior's output, with whatever ComfyUI and other packs put into it) run the personal
+expert and the router, and mix. An OUTER_SAMPLE wrapper starts a new router record per run.
+
+Patch objects are immutable and shared: clones (deep-copied or not) get the same objects and the
+same weights, and per-call state lives in `extra_options`.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import comfy.ldm.modules.attention as host_attention
+import torch
+from comfy.model_patcher import ModelPatcher
+from comfy.patcher_extension import WrappersMP
+
+from ...moa_core import MoAError, MoAWeights, PersonalPrompt, PriorProjections, RouterMode, RouterRecord
+from ...moa_core.helpers import seq_to_hw
+from ...moa_core.mixture import moa_attention
+from ...moa_core.prompt import personal_context
+from .unet_layers import attention_modules, check_weights_fit
+
+STEP_KEY = "moa_step"
+WRAPPER_KEY = "comfyui_moa"
+PERSONAL_ROWS = ("all", "cond")
+
+
+@dataclass(frozen=True)
+class MoAOptions:
+    strength: float = 1.0  # scales the router's personal weight
+    start_percent: float = 0.0  # MoA acts from this point of the schedule ...
+    end_percent: float = 1.0  # ... to this one; outside, every layer is exactly the prior
+    router_mode: RouterMode = RouterMode.LEARNED
+    personal_rows: str = "all"  # "all" rows, or "cond": uncond rows keep the prior
+
+    def __post_init__(self) -> None:
+        if self.personal_rows not in PERSONAL_ROWS:
+            raise ValueError(f"personal_rows must be one of {PERSONAL_ROWS}")
+
+
+@dataclass(frozen=True)
+class MoAStep:
+    """What one model call needs, decided once per call rather than in every layer."""
+
+    rows: torch.Tensor | None  # batch rows the personal expert runs on; None: all
+    cond_rows: torch.Tensor  # rows of the positive prompt, whose subject words are fused
+    record_rows: torch.Tensor  # rows of r1 that are cond rows
+    timestep: torch.Tensor | None  # model timesteps of cond_rows, for the fuser
+    prompt: PersonalPrompt  # on the call's device
+    step: int | None  # sampling step, when recording
+
+
+@dataclass(frozen=True)
+class MoARuntime:
+    """Everything the patch objects share: weights, the host's projections, options."""
+
+    weights: MoAWeights
+    weights_patcher: ModelPatcher
+    prior: tuple[PriorProjections, ...]  # per MoA layer
+    attn1_layers: dict  # block key -> index of its attn1 MoA layer
+    attn2_layers: dict
+    prompt: PersonalPrompt
+    options: MoAOptions
+    sigma_start: float
+    sigma_end: float
+    record: RouterRecord | None = None
+
+    def plan_step(self, x: torch.Tensor, timesteps: torch.Tensor | None, transformer_options: dict) -> MoAStep | None:
+        if self.options.strength == 0.0:
+            return None
+        sigmas = transformer_options.get("sigmas")
+        sigma = None
+        if sigmas is not None:
+            sigma = float(sigmas.reshape(-1)[0])  # the one host sync of a model call
+            if not self.sigma_end <= sigma <= self.sigma_start:
+                return None
+        chunks = transformer_options.get("cond_or_uncond") or [0]
+        per_chunk = x.shape[0] // len(chunks)
+        cond = [i * per_chunk + j for i, kind in enumerate(chunks) if kind == 0 for j in range(per_chunk)]
+        cond_rows = torch.tensor(cond, dtype=torch.long, device=x.device)
+        if self.options.personal_rows == "cond":
+            if not cond:
+                return None
+            rows, record_rows = cond_rows, torch.arange(len(cond), device=x.device)
+        else:
+            rows, record_rows = None, cond_rows
+        timestep = None if timesteps is None else timesteps[cond_rows]
+        recording = self.record is not None and sigma is not None and bool(self.record.sigmas)
+        step = self.record.step_of(sigma) if recording else None
+        return MoAStep(rows, cond_rows, record_rows, timestep, _prompt_on(self.prompt, x.device), step)
+
+
+def _prompt_on(prompt: PersonalPrompt, device: torch.device) -> PersonalPrompt:
+    if prompt.positions.device == device:
+        return prompt
+    return PersonalPrompt(
+        prompt.prompt_length,
+        prompt.positions.to(device),
+        prompt.subject_of_position.to(device),
+        prompt.image_embeds.to(device),
+    )
+
+
+class _Shared:
+    """Shared by every clone: deepcopy and .to() return the object itself."""
+
+    def __deepcopy__(self, memo: dict) -> "_Shared":
+        return self
+
+    def to(self, *args, **kwargs) -> "_Shared":
+        return self
+
+
+class MoAInputPatch(_Shared):
+    """attn1_patch / attn2_patch: keeps the attention's input for the output patch of the call."""
+
+    def __init__(self, runtime: MoARuntime, cross: bool) -> None:
+        self.layers = runtime.attn2_layers if cross else runtime.attn1_layers
+        self.key = "moa_attn2_input" if cross else "moa_attn1_input"
+
+    def __call__(self, n, context, value, extra_options, *args, **kwargs):
+        block = extra_options.get("block")
+        if block is not None and STEP_KEY in extra_options:
+            layer = self.layers.get((block[0], block[1], extra_options.get("block_index", 0)))
+            if layer is not None:
+                extra_options[self.key] = (layer, n, context, value)
+        return n, context, value
+
+
+class MoAOutputPatch(_Shared):
+    """attn1_output_patch / attn2_output_patch: personal expert + router, mixed into the prior."""
+
+    def __init__(self, runtime: MoARuntime, cross: bool) -> None:
+        self.runtime = runtime
+        self.cross = cross
+        self.key = "moa_attn2_input" if cross else "moa_attn1_input"
+
+    def models(self) -> list[ModelPatcher]:
+        return [self.runtime.weights_patcher]
+
+    def __call__(self, n, extra_options, *args, **kwargs):
+        stash = extra_options.pop(self.key, None)
+        if stash is None:
+            return n
+        layer_index, x, context, value = stash
+        step: MoAStep = extra_options[STEP_KEY]
+        rt = self.runtime
+        if self.cross:
+            layer_id = rt.weights.cross_index[layer_index]
+            fused = personal_context(context, step.cond_rows, step.prompt, rt.weights.fuser, step.timestep, layer_id)
+            value = fused if value is context else value
+            context = fused
+        attention = partial(_host_attention, heads=extra_options["n_heads"], options=extra_options)
+        out, r1 = moa_attention(
+            n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index], attention,
+            step.rows, rt.options.strength, rt.options.router_mode,
+        )  # fmt: skip
+        if step.step is not None and step.record_rows.numel():
+            hw = _grid(r1.shape[1], extra_options)
+            rt.record.add(step.step, layer_index, r1[step.record_rows, :, 0].reshape(-1, *hw))
+        return out
+
+
+def _host_attention(q, k, v, heads: int, options: dict):
+    # Looked up per call: the backend the user picked (or another node overrides) applies to the
+    # personal expert too, and equal inputs give the prior's exact output.
+    return host_attention.optimized_attention(
+        q, k, v, heads, attn_precision=options.get("attn_precision"), transformer_options=options
+    )
+
+
+def _grid(seq_len: int, extra_options: dict) -> tuple[int, int]:
+    shape = extra_options.get("activations_shape")
+    if shape is not None and shape[-2] * shape[-1] == seq_len:
+        return shape[-2], shape[-1]
+    return seq_to_hw(seq_len, tuple(extra_options["original_shape"][-2:]))
+
+
+class MoAStepWrapper(_Shared):
+    """DIFFUSION_MODEL wrapper: plans the call once and hands the plan to the layers."""
+
+    def __init__(self, runtime: MoARuntime) -> None:
+        self.runtime = runtime
+
+    def __call__(
+        self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs
+    ):
+        transformer_options = transformer_options or {}
+        step = self.runtime.plan_step(x, timesteps, transformer_options)
+        if step is not None:
+            transformer_options = {**transformer_options, STEP_KEY: step}
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+class MoARunWrapper(_Shared):
+    """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record."""
+
+    def __init__(self, record: RouterRecord) -> None:
+        self.record = record
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        self.record.begin_run(sigmas.reshape(-1).tolist())
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+
+def has_moa(model: ModelPatcher) -> bool:
+    return bool(model.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY))
+
+
+def apply_moa(
+    model: ModelPatcher,
+    weights_patcher: ModelPatcher,
+    prompt: PersonalPrompt,
+    options: MoAOptions = MoAOptions(),
+    record: RouterRecord | None = None,
+    input_names: tuple[str, str] = ("model", "moa_weights"),
+) -> ModelPatcher:
+    """A clone of `model` with MoA patched in. Everything is checked before the clone, so a bad
+    input leaves nothing half-applied. `input_names` name the node inputs in error messages."""
+    weights: MoAWeights = weights_patcher.model
+    if has_moa(model):
+        raise MoAError(
+            f"{input_names[0]}: this model already has MoA applied; apply MoA once per model "
+            "(several subjects go into one MoAApply)"
+        )
+    check_weights_fit(model, weights, input_names[1])
+    if record is not None and record.layer_paths != tuple(weights.paths):
+        raise ValueError("the router record was made for other MoA weights")
+    modules = attention_modules(model.model.diffusion_model)
+    attn1, attn2 = {}, {}
+    for i, spec in enumerate(weights.config.layers):
+        (attn2 if spec.is_cross else attn1)[spec.block] = i
+    sampling = model.get_model_object("model_sampling")
+    runtime = MoARuntime(
+        weights=weights,
+        weights_patcher=weights_patcher,
+        prior=tuple(_projections(modules[path]) for path in weights.paths),
+        attn1_layers=attn1,
+        attn2_layers=attn2,
+        prompt=prompt,
+        options=options,
+        sigma_start=sampling.percent_to_sigma(options.start_percent),
+        sigma_end=sampling.percent_to_sigma(options.end_percent),
+        record=record,
+    )
+    patched = model.clone()
+    patched.set_model_attn1_patch(MoAInputPatch(runtime, cross=False))
+    patched.set_model_attn2_patch(MoAInputPatch(runtime, cross=True))
+    patched.set_model_attn1_output_patch(MoAOutputPatch(runtime, cross=False))
+    patched.set_model_attn2_output_patch(MoAOutputPatch(runtime, cross=True))
+    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, MoAStepWrapper(runtime))
+    if record is not None:
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, MoARunWrapper(record))
+    return patched
+
+
+def _projections(attn) -> PriorProjections:
+    return PriorProjections(attn.to_q, attn.to_k, attn.to_v, attn.to_out)

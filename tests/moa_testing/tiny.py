@@ -1,0 +1,114 @@
+"""Tiny SD1.5/SDXL-shaped models built from ComfyUI's own classes (no checkpoint needed)."""
+
+import torch
+
+from comfyui_moa.moa_core import MoAWeights, moa_init
+
+TINY_SD15 = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 0],
+    "transformer_depth_output": [1, 1, 0, 0],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+"""Attention at input 1, middle 0, output 2 and 3: 4 blocks, 8 attention layers."""
+
+TINY_SDXL = {
+    **TINY_SD15,
+    "adm_in_channels": 2816,
+    "num_classes": "sequential",
+    "context_dim": 2048,
+    "use_linear_in_transformer": True,
+    "model_channels": 64,  # SDXL's config fixes 64 channels per head
+    "transformer_depth": [1, 2],
+    "transformer_depth_output": [1, 1, 2, 2],
+    "transformer_depth_middle": 2,
+}
+
+
+def fill_(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """ComfyUI builds modules uninitialised: give every parameter seeded random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def model_patcher(model: torch.nn.Module):
+    import comfy.model_management as mm
+    from comfy.model_patcher import ModelPatcher
+
+    return ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def tiny_sd15(seed: int = 0):
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(TINY_SD15))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    fill_(model, seed)
+    return model_patcher(model)
+
+
+def tiny_sdxl(seed: int = 0):
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL(dict(TINY_SDXL))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    fill_(model, seed)
+    return model_patcher(model)
+
+
+def tiny_controlnet(model, seed: int = 1):
+    """A ControlNet in ComfyUI's classes with the tiny UNet's architecture, as the loader builds it."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    config = {k: v for k, v in model.model.model_config.unet_config.items() if k != "out_channels"}
+    control = comfy.cldm.cldm.ControlNet(hint_channels=3, **{**config, "dtype": torch.float32})
+    fill_(control, seed, std=0.2)
+    return comfy.controlnet.ControlNet(control, load_device=mm.get_torch_device())
+
+
+def moa_weights_for(model, seed: int | None = None, **init) -> MoAWeights:
+    """ "MoA init" for `model`; with a seed, every trainable part gets random values, as if trained."""
+    from comfyui_moa.nodes.host.unet_layers import layer_specs, model_family
+
+    weights = moa_init(model_family(model), layer_specs(model.model.diffusion_model), **init)
+    if seed is not None:
+        fill_(weights, seed, std=0.05)
+        for i, layer in enumerate(weights.layers):  # routers that vary per pixel on tiny activations
+            fill_(layer.router, seed + 1 + i, std=1.0)
+    return weights.eval().requires_grad_(False)
+
+
+def sample(model, positive, negative, steps: int = 3, seed: int = 42, batch: int = 1, size: int = 32, cfg: float = 7.0):
+    """Latent after `steps` euler steps with CFG: [batch, 4, size, size]."""
+    import comfy.sample
+
+    latent = torch.zeros(batch, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True
+    )
+
+
+def text_cond(seed: int, tokens: int = 77, dim: int = 768, **extra):
+    """A CONDITIONING of one random text embedding [1, tokens, dim]."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, dim, generator=generator), dict(extra)]]
