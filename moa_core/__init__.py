@@ -7,7 +7,8 @@ from .errors import ConditioningError, MoAError, WeightsFormatError, WeightsMism
 from .fuser import Fuser, FuserConfig
 from .layer import Delta, MoALayer
 from .mixture import PriorProjections, RouterMode, mix, moa_attention, personal_attention
-from .prompt import PersonalPrompt, personal_context
+from .probe import TrainingProbe
+from .prompt import PersonalPrompt, SubjectTokens, personal_context, subject_attention, subject_tokens
 from .record import RouterRecord
 from .router import Router
 from .unet_layout import FAMILY_BLOCKS, LayerSpec, block_key, block_path, family_layer_paths
@@ -30,6 +31,8 @@ __all__ = [
     "Router",
     "RouterMode",
     "RouterRecord",
+    "SubjectTokens",
+    "TrainingProbe",
     "WeightsFormatError",
     "WeightsMismatchError",
     "block_key",
@@ -43,4 +46,6 @@ __all__ = [
     "personal_context",
     "read_config",
     "save_weights",
+    "subject_attention",
+    "subject_tokens",
 ]

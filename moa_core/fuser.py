@@ -63,24 +63,23 @@ class Fuser(nn.Module):
         timestep: torch.Tensor | None = None,
         layer: int | None = None,
     ) -> torch.Tensor:
-        """word [b, p, d] + image [p, e] (one per token) -> fused tokens [b, p, d].
+        """word tokens [..., d] + their subjects' image embeddings [..., e] -> fused tokens [..., d].
 
-        `timestep` [b] is needed with timestep conditioning, `layer` (cross-attention layer index)
-        with layer conditioning.
+        `timestep` [...] (one per token) is needed with timestep conditioning, `layer` (index among
+        the cross-attention layers) with layer conditioning.
         """
-        b, p, _ = word.shape
-        parts = [word, like(image, word).expand(b, p, -1)]
+        lead = word.shape[:-1]
+        parts = [word, like(image, word).expand(*lead, -1)]
         if self.config.timestep_conditioning:
             if timestep is None:
                 raise ValueError("this fuser is timestep-conditioned: pass the timestep")
-            t = timestep_features(timestep.reshape(-1).expand(b), self.config.cond_dim).to(word)
+            t = timestep_features(timestep.expand(lead).reshape(-1), self.config.cond_dim).to(word)
             t = F.linear(t, like(self.time_proj.weight, word), like(self.time_proj.bias, word))
-            parts.append(t[:, None].expand(b, p, -1))
+            parts.append(t.reshape(*lead, -1))
         if self.config.layer_conditioning:
             if layer is None:
                 raise ValueError("this fuser is layer-conditioned: pass the layer index")
-            emb = like(self.layer_embedding.weight[layer], word)
-            parts.append(emb.expand(b, p, -1))
+            parts.append(like(self.layer_embedding.weight[layer], word).expand(*lead, -1))
         h = torch.cat(parts, dim=-1)
         h = F.layer_norm(h, h.shape[-1:], like(self.norm.weight, word), like(self.norm.bias, word))
         h = F.gelu(F.linear(h, like(self.fc1.weight, word), like(self.fc1.bias, word)))

@@ -20,6 +20,7 @@ import torch
 from .layer import MoALayer
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
+QKHook = Callable[[torch.Tensor, torch.Tensor], None]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """q [b, n, h*d], k and v [b, t, h*d] -> [b, n, h*d]; the caller binds the head count."""
 
@@ -48,10 +49,15 @@ def personal_attention(
     prior: PriorProjections,
     layer: MoALayer,
     attention: AttentionFn,
+    on_qk: QKHook | None = None,
 ) -> torch.Tensor:
-    """The personal expert: x [b, n, c], context/value [b, t, c'] -> [b, n, c]."""
+    """The personal expert: x [b, n, c], context/value [b, t, c'] -> [b, n, c].
+
+    `on_qk` sees the personal queries and keys (training reads the subject tokens' attention)."""
     q = prior.q(x) + layer.delta_q(x)
     k = prior.k(context) + layer.delta_k(context)
+    if on_qk is not None:
+        on_qk(q, k)
     v = prior.v(value) + layer.delta_v(value)
     a = attention(q, k, v)
     return prior.out(a) + layer.delta_out(a)
@@ -81,6 +87,7 @@ def moa_attention(
     rows: torch.Tensor | None = None,
     strength: float = 1.0,
     router_mode: RouterMode = RouterMode.LEARNED,
+    on_qk: QKHook | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MoA layer: the prior's output [b, n, c] -> (mixed output [b, n, c], r1 [b', n, 1]).
 
@@ -90,7 +97,7 @@ def moa_attention(
     if rows is not None:
         x, context, value = x[rows], context[rows], value[rows]
     r1 = router_weight(layer, x, router_mode)
-    personal = personal_attention(x, context, value, prior, layer, attention)
+    personal = personal_attention(x, context, value, prior, layer, attention, on_qk)
     weight = r1 if strength == 1.0 else r1 * strength
     if rows is None:
         return mix(prior_out, personal, weight), r1

@@ -18,13 +18,26 @@ import torch
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import WrappersMP
 
-from ...moa_core import MoAError, MoAWeights, PersonalPrompt, PriorProjections, RouterMode, RouterRecord
+from ...moa_core import (
+    MoAError,
+    MoAWeights,
+    PersonalPrompt,
+    PriorProjections,
+    RouterMode,
+    RouterRecord,
+    SubjectTokens,
+    TrainingProbe,
+    moa_attention,
+    personal_context,
+    subject_attention,
+    subject_tokens,
+)
 from ...moa_core.helpers import seq_to_hw
-from ...moa_core.mixture import moa_attention
-from ...moa_core.prompt import personal_context
 from .unet_layers import attention_modules, check_weights_fit
 
 STEP_KEY = "moa_step"
+PROMPT_KEY = "moa_prompt"  # transformer_options: a PersonalPrompt for this call (training batches)
+PROBE_KEY = "moa_probe"  # transformer_options: a TrainingProbe to fill during this call
 WRAPPER_KEY = "comfyui_moa"
 PERSONAL_ROWS = ("all", "cond")
 
@@ -47,10 +60,8 @@ class MoAStep:
     """What one model call needs, decided once per call rather than in every layer."""
 
     rows: torch.Tensor | None  # batch rows the personal expert runs on; None: all
-    cond_rows: torch.Tensor  # rows of the positive prompt, whose subject words are fused
     record_rows: torch.Tensor  # rows of r1 that are cond rows
-    timestep: torch.Tensor | None  # model timesteps of cond_rows, for the fuser
-    prompt: PersonalPrompt  # on the call's device
+    tokens: SubjectTokens  # the subject tokens of the cond rows
     step: int | None  # sampling step, when recording
 
 
@@ -69,7 +80,9 @@ class MoARuntime:
     sigma_end: float
     record: RouterRecord | None = None
 
-    def plan_step(self, x: torch.Tensor, timesteps: torch.Tensor | None, transformer_options: dict) -> MoAStep | None:
+    def plan_step(
+        self, x: torch.Tensor, timesteps: torch.Tensor | None, context: torch.Tensor, transformer_options: dict
+    ) -> MoAStep | None:
         if self.options.strength == 0.0:
             return None
         sigmas = transformer_options.get("sigmas")
@@ -88,21 +101,11 @@ class MoARuntime:
             rows, record_rows = cond_rows, torch.arange(len(cond), device=x.device)
         else:
             rows, record_rows = None, cond_rows
-        timestep = None if timesteps is None else timesteps[cond_rows]
+        prompt = transformer_options.get(PROMPT_KEY, self.prompt)
+        tokens = subject_tokens(prompt, cond, context.shape[1], timesteps, x.device)
         recording = self.record is not None and sigma is not None and bool(self.record.sigmas)
         step = self.record.step_of(sigma) if recording else None
-        return MoAStep(rows, cond_rows, record_rows, timestep, _prompt_on(self.prompt, x.device), step)
-
-
-def _prompt_on(prompt: PersonalPrompt, device: torch.device) -> PersonalPrompt:
-    if prompt.positions.device == device:
-        return prompt
-    return PersonalPrompt(
-        prompt.prompt_length,
-        prompt.positions.to(device),
-        prompt.subject_of_position.to(device),
-        prompt.image_embeds.to(device),
-    )
+        return MoAStep(rows, record_rows, tokens, step)
 
 
 class _Shared:
@@ -149,16 +152,26 @@ class MoAOutputPatch(_Shared):
         layer_index, x, context, value = stash
         step: MoAStep = extra_options[STEP_KEY]
         rt = self.runtime
+        heads = extra_options["n_heads"]
         if self.cross:
-            layer_id = rt.weights.cross_index[layer_index]
-            fused = personal_context(context, step.cond_rows, step.prompt, rt.weights.fuser, step.timestep, layer_id)
+            fused = personal_context(context, step.tokens, rt.weights.fuser, rt.weights.cross_index[layer_index])
             value = fused if value is context else value
             context = fused
-        attention = partial(_host_attention, heads=extra_options["n_heads"], options=extra_options)
+        probe: TrainingProbe | None = extra_options.get(PROBE_KEY)
+        on_qk = None
+        if probe is not None and self.cross and layer_index in probe.attention_layers:
+
+            def on_qk(q, k):
+                probe.attention[layer_index] = subject_attention(q, k, heads, step.tokens)
+
         out, r1 = moa_attention(
-            n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index], attention,
-            step.rows, rt.options.strength, rt.options.router_mode,
+            n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index],
+            partial(_host_attention, heads=heads, options=extra_options),
+            step.rows, rt.options.strength, rt.options.router_mode, on_qk,
         )  # fmt: skip
+        if probe is not None:
+            probe.router[layer_index] = r1
+            probe.grids[layer_index] = _grid(r1.shape[1], extra_options)
         if step.step is not None and step.record_rows.numel():
             hw = _grid(r1.shape[1], extra_options)
             rt.record.add(step.step, layer_index, r1[step.record_rows, :, 0].reshape(-1, *hw))
@@ -190,7 +203,7 @@ class MoAStepWrapper(_Shared):
         self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs
     ):
         transformer_options = transformer_options or {}
-        step = self.runtime.plan_step(x, timesteps, transformer_options)
+        step = self.runtime.plan_step(x, timesteps, context, transformer_options)
         if step is not None:
             transformer_options = {**transformer_options, STEP_KEY: step}
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)

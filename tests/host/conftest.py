@@ -20,7 +20,7 @@ def conds():
 
 def one_subject(prompt_length: int = 77, position: int = 5, seed: int = 3) -> PersonalPrompt:
     embeds = torch.randn(1, 768, generator=torch.Generator().manual_seed(seed))
-    return PersonalPrompt(prompt_length, torch.tensor([position]), torch.tensor([0]), embeds)
+    return PersonalPrompt.single(prompt_length, [position], [0], embeds)
 
 
 @pytest.fixture

@@ -111,7 +111,7 @@ def test_attn2_replace_of_another_pack_still_runs_and_stays_in_the_output(base_m
 
 def one_prompt():
     embeds = torch.randn(1, 768, generator=torch.Generator().manual_seed(3))
-    return PersonalPrompt(77, torch.tensor([5]), torch.tensor([0]), embeds)
+    return PersonalPrompt.single(77, [5], [0], embeds)
 
 
 def test_controlnet_in_the_same_run_still_works(base_model, apply, trained):
@@ -208,7 +208,7 @@ def test_subjects_are_fused_into_their_words_over_77_tokens_and_in_batches(base_
     """Two subjects on tokens 5 and 100 of a 154-token prompt, batch 2: the personal cross-attention
     context differs from the prior's exactly at those tokens of the cond rows, by the fused tokens."""
     embeds = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
-    prompt = PersonalPrompt(154, torch.tensor([5, 100]), torch.tensor([0, 1]), embeds)
+    prompt = PersonalPrompt.single(154, [5, 100], [0, 1], embeds)
     positive, negative = text_cond(1, tokens=154), text_cond(2, tokens=77)
     patched = apply_moa(base_model, model_patcher(trained), prompt).clone()
     chunk_kinds = []  # ComfyUI's order of the cond (0) and uncond (1) chunks in the batch
@@ -236,7 +236,7 @@ def test_subjects_are_fused_into_their_words_over_77_tokens_and_in_batches(base_
         assert changed == [[row, token] for row in cond_rows.tolist() for token in (5, 100)], path
         layer_id = trained.cross_index[trained.paths.index(path)]
         words = prior_ctx[cond_rows][:, [5, 100]]
-        expected = trained.fuser(words, embeds, timestep.expand(2), layer_id)
+        expected = trained.fuser(words, embeds, timestep, layer_id)
         torch.testing.assert_close(personal_ctx[cond_rows][:, [5, 100]], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -276,7 +276,7 @@ def test_moa_on_tiny_sdxl_is_exact_at_init_and_acts_when_trained():
     extra = {"pooled_output": torch.zeros(1, 1280), "width": 256, "height": 256}
     positive, negative = text_cond(1, dim=2048, **extra), text_cond(2, dim=2048, **extra)
     embeds = torch.randn(1, 768, generator=torch.Generator().manual_seed(3))
-    prompt = PersonalPrompt(77, torch.tensor([5]), torch.tensor([0]), embeds)
+    prompt = PersonalPrompt.single(77, [5], [0], embeds)
     base = sample(model, positive, negative)
     untrained = apply_moa(
         model, model_patcher(moa_weights_for(model)), prompt, MoAOptions(router_mode=RouterMode.PERSONAL)

@@ -28,7 +28,7 @@ def trained(cfg: FuserConfig, seed: int = 0) -> Fuser:
 
 
 CONDITIONING = [(False, False), (True, False), (False, True), (True, True)]
-T = torch.tensor([10.0, 900.0])
+T = torch.tensor([[10.0], [900.0]])
 
 
 @pytest.mark.parametrize(("timestep", "layer"), CONDITIONING)
@@ -56,13 +56,15 @@ def test_trained_fuser_changes_the_token_and_depends_on_the_image(timestep, laye
 def test_timestep_conditioning_makes_the_token_depend_on_the_timestep():
     fuser = trained(config(timestep=True, layer=False))
     word, image = inputs()
-    early, late = fuser(word, image, torch.tensor([900.0, 900.0])), fuser(word, image, torch.tensor([10.0, 10.0]))
+    early, late = fuser(word, image, torch.tensor([900.0])), fuser(word, image, torch.tensor([10.0]))
     assert not torch.allclose(early, late, atol=1e-3)
-    # one timestep for the whole batch is broadcast; each row uses its own timestep otherwise
-    torch.testing.assert_close(fuser(word, image, torch.tensor([900.0])), early, rtol=1e-6, atol=1e-6)
-    mixed = fuser(word, image, torch.tensor([900.0, 10.0]))
-    torch.testing.assert_close(mixed[0], early[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(mixed[1], late[1], rtol=1e-6, atol=1e-6)
+    # one timestep per token: broadcast from a single value, or given per row and token
+    per_token = torch.tensor([[900.0, 10.0, 900.0], [10.0, 10.0, 900.0]])
+    mixed = fuser(word, image, per_token)
+    for row in range(B):
+        for token in range(P):
+            expected = (early if per_token[row, token] == 900.0 else late)[row, token]
+            torch.testing.assert_close(mixed[row, token], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_conditioning_makes_the_token_depend_on_the_layer():

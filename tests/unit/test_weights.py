@@ -65,7 +65,7 @@ def test_moa_init_fuser_returns_the_word_token_and_indexes_the_cross_layers():
     assert weights.config.cross_layers == [1, 3]
     assert weights.cross_index == {1: 0, 3: 1}
     word = torch.randn(2, 3, 12)
-    assert torch.equal(weights.fuser(word, torch.randn(3, 6), torch.tensor([500.0, 500.0]), 1), word)
+    assert torch.equal(weights.fuser(word, torch.randn(3, 6), torch.tensor([500.0]), 1), word)
 
 
 def test_moa_init_defaults_the_fuser_to_the_text_and_image_widths():
