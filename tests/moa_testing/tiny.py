@@ -112,3 +112,43 @@ def text_cond(seed: int, tokens: int = 77, dim: int = 768, **extra):
     """A CONDITIONING of one random text embedding [1, tokens, dim]."""
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, dim, generator=generator), dict(extra)]]
+
+
+TINY_CLIP_TEXT = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 49407,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+
+def tiny_clip(seed: int = 0):
+    """ComfyUI's SD1 CLIP wrapper and real tokenizer around a 2-layer text model: a comfy.sd.CLIP."""
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+
+    class TinyClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006 (ComfyUI's signature)
+            def text_model(**kw):
+                return comfy.sd1_clip.SDClipModel(textmodel_json_config=dict(TINY_CLIP_TEXT), **kw)
+
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=text_model, **kwargs)
+
+    clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClipModel), parameters=0)
+    fill_(clip.cond_stage_model, seed)
+    return clip
