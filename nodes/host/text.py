@@ -26,7 +26,8 @@ def parse_subject_words(text: str, input_name: str) -> list[str]:
     words = [w.strip() for w in text.split(",")]
     if not text.strip() or any(not w for w in words):
         raise ConditioningError(
-            f"{input_name}: {text!r} has an empty entry; give one word per subject, separated by commas (e.g. 'man, woman')"
+            f"{input_name}: {text!r} has an empty entry; give one word per subject, "
+            "separated by commas (e.g. 'man, woman')"
         )
     seen = set()
     for word in words:

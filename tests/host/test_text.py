@@ -1,10 +1,10 @@
 """Tier 2: subject words found through ComfyUI's real CLIP tokenizer."""
 
 import pytest
-from moa_testing.tiny import tiny_clip
 
 from comfyui_moa.moa_core import ConditioningError
 from comfyui_moa.nodes.host.text import bind_subject_words, parse_subject_words
+from moa_testing.tiny import tiny_clip
 
 
 @pytest.fixture(scope="module")
