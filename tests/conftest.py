@@ -7,7 +7,6 @@ the run fails instead.
 """
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,7 @@ moa_pack.load()
 
 REPO = moa_pack.ROOT
 HOST_TIERS = ("host", "server", "browser")
-
-
-def find_host() -> Path | None:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]))
-    if REPO.parent.name == "custom_nodes":
-        candidates.append(REPO.parent.parent)
-    candidates.append(Path.home() / "ComfyUI")
-    for path in candidates:
-        if (path / "main.py").is_file() and (path / "comfy").is_dir():
-            return path.resolve()
-    return None
-
-
-HOST = find_host()
+HOST = moa_pack.find_host()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,12 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if os.environ.get("MOA_REQUIRE_HOST") == "1":
             raise pytest.UsageError("MOA_REQUIRE_HOST=1 but no ComfyUI host was found (set COMFYUI_PATH)")
         return
-    if str(HOST) not in sys.path:
-        sys.path.insert(0, str(HOST))
-    import comfy.cli_args
-
-    # Before comfy.model_management is first imported: the CUDA build of torch would look for a GPU.
-    comfy.cli_args.args.cpu = True
+    moa_pack.use_host(cpu=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
