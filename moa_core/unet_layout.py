@@ -72,3 +72,19 @@ FAMILY_BLOCKS: dict[str, tuple[BlockKey, ...]] = {"sd15": _sd15_blocks(), "sdxl"
 def family_layer_paths(family: str) -> list[str]:
     """The attention layer paths (attn1 and attn2 of every block) of a full model of `family`."""
     return [f"{block_path(key)}.{attn}" for key in FAMILY_BLOCKS[family] for attn in ("attn1", "attn2")]
+
+
+LAYER_GROUPS = ("all", "cross-attention", "self-attention", "down", "middle", "up")
+_GROUP_TEST = {
+    "all": lambda path: True,
+    "cross-attention": lambda path: path.endswith(".attn2"),
+    "self-attention": lambda path: path.endswith(".attn1"),
+    "down": lambda path: path.startswith("input_blocks."),
+    "middle": lambda path: path.startswith("middle_block."),
+    "up": lambda path: path.startswith("output_blocks."),
+}
+
+
+def layers_in_group(paths: list[str] | tuple[str, ...], group: str) -> list[int]:
+    """Indices of the layer paths that belong to `group` (one of LAYER_GROUPS)."""
+    return [i for i, path in enumerate(paths) if _GROUP_TEST[group](path)]

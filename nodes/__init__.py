@@ -1,4 +1,30 @@
 """The pack's nodes: this table is the table of contents."""
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .apply import MoAApply
+from .host import folders
+from .init_weights import MoAInitWeights
+from .loaders import MoAInsightFaceLoader, MoALoader
+from .router_masks import MoARouterMasks
+from .subjects import MoASubject, MoASubjectBlend
+
+folders.register()
+
+NODE_CLASS_MAPPINGS = {
+    "MoALoader": MoALoader,
+    "MoAInsightFaceLoader": MoAInsightFaceLoader,
+    "MoASubject": MoASubject,
+    "MoASubjectBlend": MoASubjectBlend,
+    "MoAApply": MoAApply,
+    "MoARouterMasks": MoARouterMasks,
+    "MoAInitWeights": MoAInitWeights,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "MoALoader": "MoA Loader",
+    "MoAInsightFaceLoader": "MoA InsightFace Loader",
+    "MoASubject": "MoA Subject",
+    "MoASubjectBlend": "MoA Subject Blend",
+    "MoAApply": "MoA Apply",
+    "MoARouterMasks": "MoA Router Masks",
+    "MoAInitWeights": "MoA Init Weights",
+}

@@ -1,5 +1,7 @@
 """Tiny SD1.5/SDXL-shaped models built from ComfyUI's own classes (no checkpoint needed)."""
 
+from pathlib import Path
+
 import torch
 
 from comfyui_moa.moa_core import MoAWeights, moa_init
@@ -152,3 +154,29 @@ def tiny_clip(seed: int = 0):
     clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClipModel), parameters=0)
     fill_(clip.cond_stage_model, seed)
     return clip
+
+
+def tiny_clip_vision(folder, projection_dim: int = 768, seed: int = 0):
+    """A 2-layer CLIP vision model in ComfyUI's class (config written to `folder`): a ClipVisionModel."""
+    import json
+
+    import comfy.clip_vision
+
+    config = {
+        "hidden_act": "quick_gelu",
+        "hidden_size": 64,
+        "image_size": 224,
+        "intermediate_size": 128,
+        "layer_norm_eps": 1e-05,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 4,
+        "num_channels": 3,
+        "num_hidden_layers": 2,
+        "patch_size": 32,
+        "projection_dim": projection_dim,
+    }
+    path = Path(folder) / f"tiny_clip_vision_{projection_dim}.json"
+    path.write_text(json.dumps(config))
+    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    fill_(clip_vision.model, seed, std=0.1)
+    return clip_vision

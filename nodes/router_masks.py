@@ -1,0 +1,70 @@
+"""MoA Router Masks: where the personal expert painted, as pictures."""
+
+import comfy.utils
+
+from ..moa_core import MoAError
+from ..moa_core.render import grid, heatmap, overlay
+from ..moa_core.unet_layout import LAYER_GROUPS, layers_in_group
+from .types import MOA_RECORD
+
+GRID_TILE = 64
+
+
+class MoARouterMasks:
+    DESCRIPTION = (
+        "Shows where the router sent each pixel during the last sampling run: bright where the personal expert "
+        "painted (the subject), dark where the frozen prior did. Averages the chosen layers and steps; the grid "
+        "shows every layer (rows) at every step (columns). Connect the sampler's LATENT so it runs after sampling."
+    )
+    CATEGORY = "MoA"
+    RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
+    RETURN_NAMES = ("masks", "mask", "layer_step_grid")
+    OUTPUT_TOOLTIPS = (
+        "Heatmap of the personal expert's share, over the image when one is connected.",
+        "The personal expert's share per pixel (0: prior, 1: personal).",
+        "One heatmap per layer (rows, UNet order) and sampling step (columns), first image of the batch.",
+    )
+    FUNCTION = "render"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "router_record": (MOA_RECORD, {"tooltip": "From MoA Apply."}),
+                "latent": ("LATENT", {"tooltip": "The sampler's output: orders this node after sampling."}),
+                "layers": (LAYER_GROUPS, {"tooltip": "Which attention layers to average."}),
+                "start_percent": (
+                    "FLOAT",
+                    {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "First step to average."},
+                ),
+                "end_percent": (
+                    "FLOAT",
+                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Last step to average."},
+                ),
+            },
+            "optional": {"image": ("IMAGE", {"tooltip": "The decoded image, to draw the masks over it."})},
+        }
+
+    @classmethod
+    def render(cls, router_record, latent, layers, start_percent, end_percent, image=None):
+        if router_record is None:
+            raise MoAError("MoARouterMasks.router_record: MoA Apply ran with record_router_maps off; turn it on")
+        steps, chosen = router_record.steps(), layers_in_group(router_record.layer_paths, layers)
+        chosen = [layer for layer in chosen if layer in router_record.layers()]
+        if not steps or not chosen:
+            raise MoAError(
+                "MoARouterMasks.router_record: no router maps were recorded in the last run: MoA did not act "
+                "(strength 0, or no step inside start/end percent) or the sampler did not use the MoA model"
+            )
+        first = round(start_percent * (len(steps) - 1))
+        last = max(first, round(end_percent * (len(steps) - 1)))
+        window = steps[first : last + 1]
+        height, width = image.shape[1:3] if image is not None else [s * 8 for s in latent["samples"].shape[-2:]]
+        progress = comfy.utils.ProgressBar(2)
+        maps = router_record.stack((height, width), chosen, window)  # [T, L, b, H, W]
+        mask = maps.mean(dim=(0, 1))
+        progress.update(1)
+        picture = overlay(image.cpu().float(), mask) if image is not None else heatmap(mask)
+        everything = router_record.stack((GRID_TILE, GRID_TILE), chosen, steps)[:, :, 0]  # [T, L, h, w]
+        progress.update(1)
+        return (picture, mask, grid(everything.transpose(0, 1), tile=GRID_TILE))
