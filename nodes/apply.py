@@ -7,7 +7,7 @@ from .host.patch import MoAOptions, apply_moa
 from .host.text import BoundPrompt, bind_subject_words, parse_subject_words
 from .types import MOA_RECORD, MOA_SUBJECTS, MOA_WEIGHTS
 
-ROUTER_MODES = tuple(mode.value for mode in RouterMode)
+ROUTER_MODES = [mode.value for mode in RouterMode]
 
 
 class MoAApply:

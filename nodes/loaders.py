@@ -53,8 +53,8 @@ class MoAInsightFaceLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_pack": (face.MODEL_PACKS, {"tooltip": "The folder name in models/insightface/models/."}),
-                "provider": (face.PROVIDERS, {"tooltip": "Where onnxruntime runs the face detector."}),
+                "model_pack": (list(face.MODEL_PACKS), {"tooltip": "The folder name in models/insightface/models/."}),
+                "provider": (list(face.PROVIDERS), {"tooltip": "Where onnxruntime runs the face detector."}),
             }
         }
 

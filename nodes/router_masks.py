@@ -32,7 +32,7 @@ class MoARouterMasks:
             "required": {
                 "router_record": (MOA_RECORD, {"tooltip": "From MoA Apply."}),
                 "latent": ("LATENT", {"tooltip": "The sampler's output: orders this node after sampling."}),
-                "layers": (LAYER_GROUPS, {"tooltip": "Which attention layers to average."}),
+                "layers": (list(LAYER_GROUPS), {"tooltip": "Which attention layers to average."}),
                 "start_percent": (
                     "FLOAT",
                     {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "First step to average."},

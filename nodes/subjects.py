@@ -31,7 +31,7 @@ class MoASubject:
                 "image": ("IMAGE", {"tooltip": "Reference photo(s) of the subject; any size, RGB, RGBA or grey."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 from the CLIPVisionLoader."}),
                 "faces": (
-                    (LARGEST, EVERY),
+                    [LARGEST, EVERY],
                     {
                         "tooltip": "With face analysis: crop each image's largest face (one subject), or turn every "
                         "face of a single image into its own subject, left to right."

@@ -1,0 +1,1 @@
+"""Run ComfyUI workflows headless: UI-format workflow files through a ComfyUI server's HTTP API."""

@@ -1,0 +1,230 @@
+"""Write example_workflows/*.json (UI format) from the graphs below.
+
+Run from the repo root: `python tools/build_example_workflows.py`. Node inputs, widget order and
+defaults come from the nodes themselves (ComfyUI's core nodes and this pack's), so the files always
+match the code. Artists open the results from ComfyUI's template browser.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import moa_pack  # noqa: E402
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+CLIP_VISION = "clip-vit-large-patch14.safetensors"
+MOA = "moa_sd15.safetensors"
+CONTROLNET = "control_v11p_sd15_openpose.safetensors"
+NEGATIVE = "blurry, lowres, deformed, watermark, text"
+SAMPLER = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+
+
+def object_info() -> dict:
+    moa_pack.use_host(cpu=True)
+    return moa_pack.module("moa_runner.local").local_object_info()
+
+
+class Graph:
+    """A UI-format workflow built node by node."""
+
+    def __init__(self, info: dict) -> None:
+        self.info, self.nodes, self.links = info, [], []
+
+    def add(self, kind: str, pos: tuple[int, int], title: str | None = None, **widgets) -> dict:
+        workflow = moa_pack.module("moa_runner.workflow")
+        values, sockets = [], []
+        for name, spec_type, options in workflow.input_specs(self.info[kind]):
+            if workflow.is_widget(spec_type, options):
+                default = spec_type[0] if isinstance(spec_type, list) and spec_type else options.get("default")
+                values.append(widgets.pop(name, default))
+                if workflow.widget_slots(name, spec_type, options) == 2:
+                    values.append("fixed" if spec_type == "INT" else "image")
+            else:
+                sockets.append({"name": name, "type": spec_type, "link": None})
+        if widgets:
+            raise ValueError(f"{kind} has no widgets {sorted(widgets)}")
+        outputs = self.info[kind]["output"]
+        names = self.info[kind]["output_name"]
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": kind,
+            "pos": list(pos),
+            "size": [320, 60 + 26 * (len(sockets) + len(values))],
+            "flags": {},
+            "order": len(self.nodes),
+            "mode": 0,
+            "inputs": sockets,
+            "outputs": [
+                {"name": n, "type": t, "links": [], "slot_index": i}
+                for i, (n, t) in enumerate(zip(names, outputs, strict=True))
+            ],
+            "properties": {"Node name for S&R": kind},
+            "widgets_values": values,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def connect(self, source: dict, output: str, target: dict, input_name: str) -> None:
+        slot = next(i for i, o in enumerate(source["outputs"]) if o["name"] == output)
+        socket = next(s for s in target["inputs"] if s["name"] == input_name)
+        link_id = len(self.links) + 1
+        self.links.append([link_id, source["id"], slot, target["id"], target["inputs"].index(socket), socket["type"]])
+        source["outputs"][slot]["links"].append(link_id)
+        socket["link"] = link_id
+
+    def to_json(self) -> dict:
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4,
+        }
+
+
+def base(g: Graph, prompt_y: int = 0) -> dict:
+    """Checkpoint, CLIP vision, InsightFace, MoA weights, negative prompt, latent: shared by every example."""
+    parts = {
+        "checkpoint": g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT),
+        "clip_vision": g.add("CLIPVisionLoader", (0, 160), clip_name=CLIP_VISION),
+        "faces": g.add("MoAInsightFaceLoader", (0, 280), model_pack="antelopev2", provider="CPU"),
+        "moa": g.add("MoALoader", (0, 420), moa_name=MOA),
+        "negative": g.add("CLIPTextEncode", (760, 560 + prompt_y), title="Negative prompt", text=NEGATIVE),
+        "latent": g.add("EmptyLatentImage", (760, 760 + prompt_y), width=512, height=512, batch_size=1),
+    }
+    g.connect(parts["checkpoint"], "CLIP", parts["negative"], "clip")
+    return parts
+
+
+def subject(g: Graph, parts: dict, image: str, pos: tuple[int, int], previous: dict | None = None) -> dict:
+    load = g.add("LoadImage", pos, title=f"Subject photo: {image}", image=image)
+    node = g.add("MoASubject", (pos[0] + 340, pos[1]), faces="largest face", margin=0.3)
+    g.connect(load, "IMAGE", node, "image")
+    g.connect(parts["clip_vision"], "CLIP_VISION", node, "clip_vision")
+    g.connect(parts["faces"], "face_analysis", node, "face_analysis")
+    if previous is not None:
+        g.connect(previous, "subjects", node, "subjects")
+    return node
+
+
+def apply(g: Graph, parts: dict, subjects: dict, text: str, words: str, pos: tuple[int, int]) -> dict:
+    node = g.add("MoAApply", pos, text=text, subject_words=words)
+    g.connect(parts["checkpoint"], "MODEL", node, "model")
+    g.connect(parts["moa"], "moa_weights", node, "moa_weights")
+    g.connect(parts["checkpoint"], "CLIP", node, "clip")
+    g.connect(subjects, "subjects", node, "subjects")
+    return node
+
+
+def sample_and_show(g: Graph, parts: dict, moa: dict, pos: tuple[int, int], conds=None, prefix="MoA") -> None:
+    """KSampler -> decode -> save, and the router masks over the image. `conds`: the (node, output)
+    pairs of the positive and negative conditioning, if not MoA Apply's and the negative prompt."""
+    x, y = pos
+    positive, negative = conds or ((moa, "positive"), (parts["negative"], "CONDITIONING"))
+    sampler = g.add("KSampler", (x, y), **SAMPLER)
+    g.connect(moa, "model", sampler, "model")
+    g.connect(*positive, sampler, "positive")
+    g.connect(*negative, sampler, "negative")
+    g.connect(parts["latent"], "LATENT", sampler, "latent_image")
+    decode = g.add("VAEDecode", (x + 340, y))
+    g.connect(sampler, "LATENT", decode, "samples")
+    g.connect(parts["checkpoint"], "VAE", decode, "vae")
+    save = g.add("SaveImage", (x + 600, y), filename_prefix=prefix)
+    g.connect(decode, "IMAGE", save, "images")
+    masks = g.add("MoARouterMasks", (x + 340, y + 160), layers="cross-attention")
+    g.connect(moa, "router_record", masks, "router_record")
+    g.connect(sampler, "LATENT", masks, "latent")
+    g.connect(decode, "IMAGE", masks, "image")
+    for i, output in enumerate(("masks", "layer_step_grid")):
+        preview = g.add("PreviewImage", (x + 600 + 300 * i, y + 300), title=f"Router {output.replace('_', ' ')}")
+        g.connect(masks, output, preview, "images")
+
+
+def one_subject(info: dict) -> dict:
+    g = Graph(info)
+    parts = base(g)
+    person = subject(g, parts, "moa_subject_man.png", (380, 0))
+    moa = apply(g, parts, person, "a photo of a man hiking in the mountains, golden hour", "man", (760, 0))
+    sample_and_show(g, parts, moa, (1140, 0))
+    return g.to_json()
+
+
+def two_subjects(info: dict) -> dict:
+    g = Graph(info)
+    parts = base(g)
+    first = subject(g, parts, "moa_subject_man.png", (380, 0))
+    second = subject(g, parts, "moa_subject_woman.png", (380, 300), previous=first)
+    text = "a man and a woman dancing at a street festival, photo"
+    moa = apply(g, parts, second, text, "man, woman", (760, 0))
+    sample_and_show(g, parts, moa, (1140, 0))
+    return g.to_json()
+
+
+def controlnet(info: dict) -> dict:
+    g = Graph(info)
+    parts = base(g)
+    person = subject(g, parts, "moa_subject_man.png", (380, 0))
+    moa = apply(g, parts, person, "a photo of a man doing yoga on a beach", "man", (760, 0))
+    loader = g.add("ControlNetLoader", (380, 600), control_net_name=CONTROLNET)
+    pose = g.add("LoadImage", (380, 720), title="Pose image", image="moa_pose.png")
+    control = g.add("ControlNetApplyAdvanced", (1140, 560), strength=0.8, start_percent=0.0, end_percent=1.0)
+    g.connect(moa, "positive", control, "positive")
+    g.connect(parts["negative"], "CONDITIONING", control, "negative")
+    g.connect(loader, "CONTROL_NET", control, "control_net")
+    g.connect(pose, "IMAGE", control, "image")
+    sample_and_show(g, parts, moa, (1140, 0), conds=((control, "positive"), (control, "negative")))
+    return g.to_json()
+
+
+def morph(info: dict) -> dict:
+    g = Graph(info)
+    parts = base(g)
+    first = subject(g, parts, "moa_subject_man.png", (380, 0))
+    second = subject(g, parts, "moa_subject_woman.png", (380, 300))
+    blend = g.add("MoASubjectBlend", (760, 300), factor=0.5)
+    g.connect(first, "subjects", blend, "subjects_a")
+    g.connect(second, "subjects", blend, "subjects_b")
+    moa = apply(g, parts, blend, "a portrait photo of a person in a cafe", "person", (760, 0))
+    sample_and_show(g, parts, moa, (1140, 0))
+    return g.to_json()
+
+
+def swap(info: dict) -> dict:
+    g = Graph(info)
+    parts = base(g, prompt_y=400)
+    text = "a photo of a man reading a book on a park bench, autumn"
+    for row, image in enumerate(("moa_subject_man.png", "moa_subject_woman.png")):
+        person = subject(g, parts, image, (380, row * 700))
+        moa = apply(g, parts, person, text, "man", (760, row * 700))
+        sample_and_show(g, parts, moa, (1140, row * 700), prefix=f"MoA_swap_{row + 1}")
+    return g.to_json()
+
+
+EXAMPLES = {
+    "moa_one_subject": one_subject,
+    "moa_two_subjects": two_subjects,
+    "moa_controlnet_pose": controlnet,
+    "moa_subject_morph": morph,
+    "moa_subject_swap_fixed_seed": swap,
+}
+
+
+def main() -> None:
+    info = object_info()
+    folder = ROOT / "example_workflows"
+    folder.mkdir(exist_ok=True)
+    for name, build in EXAMPLES.items():
+        (folder / f"{name}.json").write_text(json.dumps(build(info), indent=2) + "\n")
+        print(f"wrote example_workflows/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
