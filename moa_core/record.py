@@ -45,24 +45,19 @@ class RouterRecord:
     def stack(
         self,
         size: tuple[int, int],
-        layers: Sequence[int] | None = None,
-        steps: Sequence[int] | None = None,
+        layers: Sequence[int],
+        steps: Sequence[int],
+        batch: int,
     ) -> torch.Tensor:
-        """Maps resized to `size` (H, W): float32 [T, L, b, H, W] on the CPU, for the chosen steps
-        (default: all recorded) and layers (default: all recorded)."""
-        steps = list(self.steps() if steps is None else steps)
-        layers = list(self.layers() if layers is None else layers)
+        """Maps resized to `size` (H, W): float32 [T, L, b, H, W] on the CPU for the chosen steps and
+        layers. A (step, layer) with no map is all zeros: MoA did not act there, the prior painted it."""
         if not steps or not layers:
-            raise ValueError("no router maps recorded for the chosen steps and layers")
-        rows = []
-        for step in steps:
-            row = []
-            for layer in layers:
+            raise ValueError("choose at least one step and one layer")
+        out = torch.zeros(len(steps), len(layers), batch, *size)
+        for i, step in enumerate(steps):
+            for j, layer in enumerate(layers):
                 r1 = self._maps.get((step, layer))
-                if r1 is None:
-                    raise ValueError(f"no router map for step {step}, layer {self.layer_paths[layer]}")
-                row.append(
-                    F.interpolate(r1.float().cpu()[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-                )
-            rows.append(torch.stack(row))
-        return torch.stack(rows).clamp_(0.0, 1.0)
+                if r1 is not None:
+                    resized = F.interpolate(r1.float().cpu()[:, None], size=size, mode="bilinear", align_corners=False)
+                    out[i, j] = resized[:batch, 0]
+        return out.clamp_(0.0, 1.0)

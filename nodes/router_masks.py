@@ -49,22 +49,22 @@ class MoARouterMasks:
     def render(cls, router_record, latent, layers, start_percent, end_percent, image=None):
         if router_record is None:
             raise MoAError("MoARouterMasks.router_record: MoA Apply ran with record_router_maps off; turn it on")
-        steps, chosen = router_record.steps(), layers_in_group(router_record.layer_paths, layers)
-        chosen = [layer for layer in chosen if layer in router_record.layers()]
-        if not steps or not chosen:
+        if router_record.runs == 0:
             raise MoAError(
-                "MoARouterMasks.router_record: no router maps were recorded in the last run: MoA did not act "
-                "(strength 0, or no step inside start/end percent) or the sampler did not use the MoA model"
+                "MoARouterMasks.router_record: no sampler has run with this MoA model; connect MoA Apply's model "
+                "output to the sampler whose LATENT feeds this node"
             )
+        chosen = layers_in_group(router_record.layer_paths, layers)
+        steps = list(range(len(router_record.sigmas) - 1))
         first = round(start_percent * (len(steps) - 1))
-        last = max(first, round(end_percent * (len(steps) - 1)))
-        window = steps[first : last + 1]
+        window = steps[first : max(first, round(end_percent * (len(steps) - 1))) + 1]
         height, width = image.shape[1:3] if image is not None else [s * 8 for s in latent["samples"].shape[-2:]]
         progress = comfy.utils.ProgressBar(2)
-        maps = router_record.stack((height, width), chosen, window)  # [T, L, b, H, W]
+        # Steps where MoA did not act (strength 0, outside start/end) are all prior: r1 = 0.
+        maps = router_record.stack((height, width), chosen, window, batch=latent["samples"].shape[0])
         mask = maps.mean(dim=(0, 1))
         progress.update(1)
         picture = overlay(image.cpu().float(), mask) if image is not None else heatmap(mask)
-        everything = router_record.stack((GRID_TILE, GRID_TILE), chosen, steps)[:, :, 0]  # [T, L, h, w]
+        everything = router_record.stack((GRID_TILE, GRID_TILE), chosen, steps, batch=1)[:, :, 0]  # [T, L, h, w]
         progress.update(1)
         return (picture, mask, grid(everything.transpose(0, 1), tile=GRID_TILE))

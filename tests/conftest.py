@@ -17,6 +17,11 @@ moa_pack.load()
 
 REPO = moa_pack.ROOT
 HOST_TIERS = ("host", "server", "browser")
+
+# Session fixtures writing test model files (they import comfy only when used). pytest reads
+# pytest_plugins from this top-level conftest only, not from tests/host/conftest.py.
+pytest_plugins = ["moa_testing.fixtures"]
+
 HOST = moa_pack.find_host()
 
 

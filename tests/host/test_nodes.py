@@ -217,12 +217,21 @@ def test_every_face_mode_needs_face_analysis(clip_vision):
         NODES["MoASubject"].encode(photo(1), clip_vision, "every face, left to right", 0.3)
 
 
-def test_router_masks_without_a_recorded_run_say_why(moa_folder, model, clip, clip_vision):
+def test_router_masks_say_why_when_there_is_nothing_to_show(moa_folder, model, clip, clip_vision):
     (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
     _, _, record = apply(model, moa, clip, subjects_of(clip_vision, 1))
     latent = {"samples": torch.zeros(1, 4, 32, 32)}
-    with pytest.raises(MoAError, match="no router maps were recorded in the last run"):
+    with pytest.raises(MoAError, match="no sampler has run with this MoA model; connect MoA Apply's model"):
         NODES["MoARouterMasks"].render(record, latent, "all", 0.0, 1.0)
     _, _, none = apply(model, moa, clip, subjects_of(clip_vision, 1), record_router_maps=False)
     with pytest.raises(MoAError, match="record_router_maps off"):
         NODES["MoARouterMasks"].render(none, latent, "all", 0.0, 1.0)
+
+
+def test_router_masks_of_a_run_where_moa_did_not_act_show_the_prior_everywhere(moa_folder, model, clip, clip_vision):
+    (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
+    patched, positive, record = apply(model, moa, clip, subjects_of(clip_vision, 1), strength=0.0)
+    latent = {"samples": sample(patched, positive, text_cond(9))}
+    _, mask, grid = NODES["MoARouterMasks"].render(record, latent, "all", 0.0, 1.0)
+    assert torch.equal(mask, torch.zeros(1, 256, 256))
+    assert grid.shape[1:] == (8 * 66 - 2, 3 * 66 - 2, 3)

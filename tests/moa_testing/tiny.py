@@ -87,8 +87,9 @@ def tiny_controlnet(model, seed: int = 1):
     return comfy.controlnet.ControlNet(control, load_device=mm.get_torch_device())
 
 
-def moa_weights_for(model, seed: int | None = None, **init) -> MoAWeights:
-    """ "MoA init" for `model`; with a seed, every trainable part gets random values, as if trained."""
+def moa_weights_for(model, seed: int | None = None, fuser_std: float = 0.05, **init) -> MoAWeights:
+    """ "MoA init" for `model`; with a seed, every trainable part gets random values, as if trained
+    (a larger `fuser_std` makes subjects whose image embeddings differ little tell apart)."""
     from comfyui_moa.nodes.host.unet_layers import layer_specs, model_family
 
     weights = moa_init(model_family(model), layer_specs(model.model.diffusion_model), **init)
@@ -96,6 +97,7 @@ def moa_weights_for(model, seed: int | None = None, **init) -> MoAWeights:
         fill_(weights, seed, std=0.05)
         for i, layer in enumerate(weights.layers):  # routers that vary per pixel on tiny activations
             fill_(layer.router, seed + 1 + i, std=1.0)
+        fill_(weights.fuser, seed + 100, std=fuser_std)
     return weights.eval().requires_grad_(False)
 
 
@@ -180,3 +182,41 @@ def tiny_clip_vision(folder, projection_dim: int = 768, seed: int = 0):
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
     fill_(clip_vision.model, seed, std=0.1)
     return clip_vision
+
+
+TINY_VAE = {
+    "ddconfig": {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,  # ComfyUI's GroupNorm takes 32 groups
+        "ch_mult": [1, 1, 1, 1],  # four levels: SD's 8x downscale
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+    "embed_dim": 4,
+}
+
+
+def tiny_vae(seed: int = 0):
+    """ComfyUI's VAE around a 32-channel AutoencoderKL (SD1.5's VAE class, 0.4 M params) whose
+    encoder keeps the picture: random weights, the latent rescaled so that the UNet sees the unit
+    spread it sees with SD1.5's real VAE."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    autoencoder = AutoencoderKL(**TINY_VAE)
+    fill_(autoencoder, seed, std=0.05)
+    with torch.no_grad():
+        for name, p in autoencoder.named_parameters():
+            if ".norm" in name or name.startswith(("encoder.norm_out", "decoder.norm_out")):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+        probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        latent = autoencoder.encode(probe)
+        scale = 1.0 / (float(latent.std()) * 0.18215)  # SD1.5's latent scale factor undone
+        autoencoder.quant_conv.weight.mul_(scale)
+        autoencoder.quant_conv.bias.mul_(scale).sub_(float(latent.mean()) * scale)
+    return comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": TINY_VAE})

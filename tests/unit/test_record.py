@@ -63,7 +63,7 @@ def test_step_of_without_a_schedule_is_step_zero():
 
 
 def test_stack_resizes_every_map_into_steps_by_layers():
-    out = recorded().stack((8, 6))
+    out = recorded().stack((8, 6), layers=[0, 2], steps=[0, 2], batch=2)
     assert out.shape == (2, 2, 2, 8, 6)
     assert out.dtype == torch.float32 and out.device.type == "cpu"
     for i, step in enumerate((0, 2)):
@@ -75,13 +75,13 @@ def test_stack_resizes_every_map_into_steps_by_layers():
 def test_stack_resizes_bilinearly_without_corner_alignment():
     record = RouterRecord(PATHS)
     record.add(0, 0, torch.tensor([[[0.0, 1.0]]]))  # [b=1, h=1, w=2]
-    row = record.stack((1, 4))[0, 0, 0, 0]
+    row = record.stack((1, 4), layers=[0], steps=[0], batch=1)[0, 0, 0, 0]
     # half-pixel centres: output x=0..3 samples input at x=-0.25, 0.25, 0.75, 1.25 (clamped to the edges)
     torch.testing.assert_close(row, torch.tensor([0.0, 0.25, 0.75, 1.0]), rtol=0, atol=1e-6)
 
 
 def test_stack_chooses_steps_and_layers_in_the_given_order():
-    out = recorded().stack((4, 4), layers=[2, 0], steps=[2])
+    out = recorded().stack((4, 4), layers=[2, 0], steps=[2], batch=2)
     assert out.shape == (1, 2, 2, 4, 4)
     torch.testing.assert_close(out[0, 0], torch.full((2, 4, 4), 0.22).half().float(), rtol=0, atol=1e-6)
     torch.testing.assert_close(out[0, 1], torch.full((2, 4, 4), 0.20).half().float(), rtol=0, atol=1e-6)
@@ -90,15 +90,23 @@ def test_stack_chooses_steps_and_layers_in_the_given_order():
 def test_stack_clamps_to_the_unit_interval():
     record = RouterRecord(PATHS)
     record.add(0, 0, torch.tensor([[[-0.5, 1.5], [0.25, 1.0]]]))
-    out = record.stack((2, 2))[0, 0, 0]
+    out = record.stack((2, 2), layers=[0], steps=[0], batch=1)[0, 0, 0]
     assert torch.equal(out, torch.tensor([[0.0, 1.0], [0.25, 1.0]]))
 
 
-def test_stack_of_a_missing_map_names_step_and_layer():
-    with pytest.raises(ValueError, match=r"no router map for step 1, layer mid\.attn2"):
-        recorded().stack((4, 4), layers=[2], steps=[0, 1])
+def test_a_step_or_layer_without_a_map_is_all_prior():
+    out = recorded().stack((4, 4), layers=[2, 1], steps=[0, 1], batch=2)
+    assert out.shape == (2, 2, 2, 4, 4)
+    assert out[0, 0].min() > 0  # recorded
+    assert torch.equal(out[0, 1], torch.zeros(2, 4, 4)) and torch.equal(out[1], torch.zeros(2, 2, 4, 4))
 
 
-def test_stack_without_maps_raises():
-    with pytest.raises(ValueError, match="no router maps recorded"):
-        RouterRecord(PATHS).stack((4, 4))
+def test_stack_keeps_the_first_rows_of_the_batch():
+    record = RouterRecord(PATHS)
+    record.add(0, 0, torch.stack([torch.zeros(2, 2), torch.ones(2, 2)]))
+    assert torch.equal(record.stack((2, 2), layers=[0], steps=[0], batch=1)[0, 0], torch.zeros(1, 2, 2))
+
+
+def test_stack_needs_a_step_and_a_layer():
+    with pytest.raises(ValueError, match="at least one step and one layer"):
+        RouterRecord(PATHS).stack((4, 4), layers=[], steps=[0], batch=1)
