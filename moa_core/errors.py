@@ -15,3 +15,15 @@ class WeightsMismatchError(MoAError):
 
 class ConditioningError(MoAError):
     """A conditioning or prompt that the MoA patch cannot bind subjects to."""
+
+
+class DataError(MoAError):
+    """A training sample or dataset the trainer cannot read."""
+
+
+class ConfigError(MoAError):
+    """A trainer config (TOML) with a missing, unknown or out-of-range setting."""
+
+
+class OptionsError(MoAError):
+    """An MoA option (strength, schedule window, rows, sparse threshold, region) out of its range."""

@@ -5,10 +5,19 @@ LoRA and other patch in it). The personal expert runs the same attention with it
 (the host's projections, called, plus this layer's deltas) and, in cross-attention, a context in
 which each subject word carries its subject. The router mixes them per pixel:
 
-    out = prior + strength * r1 * (personal - prior)
+    out = prior + w * (personal - prior),   w = r1 * strength * region
 
-which equals r0 * prior + r1 * personal for r0 + r1 = 1 and gives the prior bit for bit wherever
-r1 * strength is zero or the two experts agree.
+which equals r0 * prior + r1 * personal for r0 + r1 = 1 (strength 1, no region) and gives the
+prior bit for bit wherever w is zero or the two experts agree.
+
+Cheaper modes skip work without changing what they keep:
+- rows: the personal expert runs on some batch rows only (e.g. the cond rows); the others keep
+  the prior exactly.
+- sparse (`Mixing.threshold` > 0): it runs only at the pixels whose w passes the threshold. Their
+  queries are gathered (keys and values stay those of every pixel of the row), the result is
+  scattered back, and every other pixel keeps the prior exactly. A dropped pixel differs from the
+  dense output by w * |personal - prior| <= threshold * |personal - prior|: at most what lowering
+  the strength by `threshold` would change there.
 """
 
 import enum
@@ -16,19 +25,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
-from .layer import MoALayer
+from .helpers import like
+from .layer import Delta, MoALayer
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
 QKHook = Callable[[torch.Tensor, torch.Tensor], None]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """q [b, n, h*d], k and v [b, t, h*d] -> [b, n, h*d]; the caller binds the head count."""
+HeadsAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""q [b, h, n, d], k and v [b, h, t, d] -> [b, n, h*d] (ComfyUI's skip_reshape layout)."""
 
 
 class RouterMode(enum.Enum):
     LEARNED = "learned"
     PRIOR = "prior everywhere"
     PERSONAL = "personal everywhere"
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How the experts mix in every layer; resolved once when the node runs."""
+
+    strength: float = 1.0  # scales r1
+    router_mode: RouterMode = RouterMode.LEARNED
+    threshold: float = 0.0  # > 0: the personal expert skips pixels with w <= threshold (exact prior)
+
+
+DENSE = Mixing()
+
+MIN_QUERIES = 16
+"""Fewest queries the personal expert runs a gathered or chunked batch on. CPU BLAS switches to
+other kernels for a handful of rows (gemv and small-matrix paths), which round differently from
+the prior's full-size call; from 16 rows on, a subset of rows gives the same bits (measured with
+MKL at every SD1.5 shape), which keeps zero deltas exactly the prior in every mode."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +72,9 @@ class PriorProjections:
     k: Projection
     v: Projection
     out: Projection
+    linear_qkv: bool = False
+    """q, k and v are bias-free linear maps (the host says so): then q(I) is the transposed
+    weight, and the personal projection can be one matmul with weight + delta."""
 
 
 def personal_attention(
@@ -51,21 +86,77 @@ def personal_attention(
     attention: AttentionFn,
     on_qk: QKHook | None = None,
 ) -> torch.Tensor:
-    """The personal expert: x [b, n, c], context/value [b, t, c'] -> [b, n, c].
+    """The personal expert: queries x [b, n, c], context/value [b, t, c'] -> [b, n, c].
 
+    For self-attention context and value are every pixel of the row, whichever pixels x holds.
     `on_qk` sees the personal queries and keys (training reads the subject tokens' attention)."""
-    q = prior.q(x) + layer.delta_q(x)
-    k = prior.k(context) + layer.delta_k(context)
+    merge = prior.linear_qkv
+    q = project(prior.q, layer.delta_q, x, merge)
+    k = project(prior.k, layer.delta_k, context, merge)
     if on_qk is not None:
         on_qk(q, k)
-    v = prior.v(value) + layer.delta_v(value)
+    v = project(prior.v, layer.delta_v, value, merge)
     a = attention(q, k, v)
-    return prior.out(a) + layer.delta_out(a)
+    return plus_delta(prior.out(a), layer.delta_out, a)
 
 
-def mix(prior_out: torch.Tensor, personal_out: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
-    """r0 * prior + r1 * personal, written so that r1 == 0 or equal experts give the prior exactly."""
-    return prior_out + r1 * (personal_out - prior_out)
+def project(proj: Projection, delta: Delta, x: torch.Tensor, linear: bool) -> torch.Tensor:
+    """proj(x) + delta(x) for x [..., i] -> [..., o].
+
+    With `linear` (proj is a bias-free linear map) and at least as many rows as features, one
+    matmul with the merged weight proj(I)^T + delta: the host's weight is never read, its module
+    is called (LoRA and casting apply), and building the weight costs one [i, i] call instead of
+    a second [rows, i] one. Zero deltas give proj(x)'s exact bits (the same matmul, measured).
+    """
+    features = x.shape[-1]
+    if not linear or x.numel() < features * features:
+        return plus_delta(proj(x), delta, x)
+    eye = torch.eye(features, device=x.device, dtype=x.dtype)
+    if delta.rank:
+        matrix = like(delta.up, x) @ like(delta.down, x)
+    else:
+        matrix = like(delta.weight, x)
+    # row-major [o, i] like the host's own weight, so F.linear picks the very same kernel
+    return F.linear(x, (proj(eye).t() + matrix).contiguous())
+
+
+def plus_delta(base: torch.Tensor, delta: Delta, x: torch.Tensor) -> torch.Tensor:
+    """base [..., o] + delta(x [..., i]), the sum taken inside the delta's last matmul (addmm):
+    one pass over the output instead of a matmul, then an add. A zero delta adds exact zeros."""
+    flat = x.reshape(-1, x.shape[-1])
+    if delta.rank:
+        flat, weight = F.linear(flat, like(delta.down, x)), like(delta.up, x)
+    else:
+        weight = like(delta.weight, x)
+    return torch.addmm(base.reshape(-1, base.shape[-1]), flat, weight.t()).view(base.shape)
+
+
+def chunked(attention: HeadsAttentionFn, heads: int, max_scores: int) -> AttentionFn:
+    """An AttentionFn that splits the heads once and runs `attention` on query chunks whose score
+    matrix [b*h, chunk, t] holds at most `max_scores` elements.
+
+    Queries are independent rows of attention, so the result is the same; kernels that
+    materialise the scores (ComfyUI's CPU default) run several times faster when that matrix
+    stays small enough for the allocator to reuse and the cache to hold. Keys and values are laid
+    out once for every chunk; query chunks are views of at least MIN_QUERIES queries."""
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads).contiguous() for t in (q, k, v))
+        n, chunk = q.shape[2], max(1, max_scores // (q.shape[0] * heads * k.shape[2]))
+        parts = min(-(-n // chunk), n // MIN_QUERIES)  # equal parts of MIN_QUERIES to `chunk` queries
+        if parts <= 1:
+            return attention(q, k, v)
+        return torch.cat([attention(part, k, v) for part in q.tensor_split(parts, dim=2)], dim=1)
+
+    return run
+
+
+def mix(prior_out: torch.Tensor, personal_out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """r0 * prior + r1 * personal, written so that w == 0 or equal experts give the prior exactly.
+
+    (torch.lerp would fuse the three passes, but it rounds differently from this form, and the
+    trainer's runs are tuned on this one; the mix is under 0.2 % of a step.)"""
+    return prior_out + w * (personal_out - prior_out)
 
 
 def router_weight(layer: MoALayer, x: torch.Tensor, mode: RouterMode) -> torch.Tensor:
@@ -76,6 +167,74 @@ def router_weight(layer: MoALayer, x: torch.Tensor, mode: RouterMode) -> torch.T
     return x.new_full((*x.shape[:-1], 1), fill)
 
 
+def personal_share(r1: torch.Tensor, strength: float, region: torch.Tensor | None) -> torch.Tensor:
+    """w [b, n, 1]: r1 [b, n, 1] times strength times the region [n, 1] (None: everywhere 1)."""
+    w = r1 if strength == 1.0 else r1 * strength
+    return w if region is None else w * region.to(w)
+
+
+Kept = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]
+
+
+def kept_pixels(w: torch.Tensor, threshold: float) -> Kept:
+    """Where the personal expert must run for w [b, n, 1] and `threshold`.
+
+    Returns (rows [b'] of w where some pixel passes, or None for all; pixels [k] where some of
+    those rows passes, sorted, or None for all; w [b', n, 1] with every pixel that does not pass
+    in its own row set to exactly 0). Rows share one pixel set (the union) so the gathered queries
+    stay one rectangular batch; a small set is padded to MIN_QUERIES pixels (with w 0). A row
+    where nothing passes (e.g. an uncond row a trained router sends to the prior) is skipped.
+    Sizing the sets reads them back from the device: the one sync of a sparse layer, the price
+    of skipping the work.
+    """
+    keep = w > threshold
+    w = torch.where(keep, w, 0.0)
+    b, n = w.shape[:2]
+    hits = torch.cat([keep.any(dim=1)[:, 0], keep.any(dim=0)[:, 0]]).nonzero()[:, 0]
+    rows, pixels = hits[hits < b], hits[hits >= b] - b
+    if rows.numel() == b:
+        rows = None
+    elif rows.numel():  # the pixels of the rows that run
+        w, pixels = w[rows], keep[rows].any(dim=0)[:, 0].nonzero()[:, 0]
+    if 0 < pixels.numel() < MIN_QUERIES:
+        if n <= MIN_QUERIES:
+            return rows, None, w
+        pixels = w.amax(dim=0)[:, 0].topk(MIN_QUERIES).indices.sort().values  # kept ones are largest
+    return rows, (None if pixels.numel() == n else pixels), w
+
+
+def take_rows(
+    rows: torch.Tensor, x: torch.Tensor, context: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, context and value at batch rows [b'], each taken once when they are the same tensor
+    (self-attention reads its keys and values from x)."""
+    self_attention, shared_value = context is x, value is context
+    x = x[rows]
+    context = x if self_attention else context[rows]
+    return x, context, (context if shared_value else value[rows])
+
+
+def scatter_mix(
+    prior_out: torch.Tensor,
+    personal: torch.Tensor,
+    w: torch.Tensor,
+    rows: torch.Tensor | None,
+    pixels: torch.Tensor | None,
+) -> torch.Tensor:
+    """prior_out [B, n, c] with mix(prior, personal, w) at rows [b] x pixels [k] (None: all).
+
+    personal and w are [b, k, c] and [b, k, 1]; every other entry of prior_out is kept exactly."""
+    if rows is None and pixels is None:
+        return mix(prior_out, personal, w)
+    batch, n, c = prior_out.shape
+    rows = torch.arange(batch, device=prior_out.device) if rows is None else rows
+    pixels = torch.arange(n, device=prior_out.device) if pixels is None else pixels
+    index = (rows[:, None] * n + pixels[None, :]).reshape(-1)
+    flat = prior_out.reshape(batch * n, c)
+    mixed = mix(flat.index_select(0, index), personal.reshape(-1, c), w.reshape(-1, 1))
+    return flat.index_copy(0, index, mixed).view(batch, n, c)
+
+
 def moa_attention(
     prior_out: torch.Tensor,
     x: torch.Tensor,
@@ -84,22 +243,31 @@ def moa_attention(
     prior: PriorProjections,
     layer: MoALayer,
     attention: AttentionFn,
+    mixing: Mixing = DENSE,
     rows: torch.Tensor | None = None,
-    strength: float = 1.0,
-    router_mode: RouterMode = RouterMode.LEARNED,
+    region: torch.Tensor | None = None,
     on_qk: QKHook | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MoA layer: the prior's output [b, n, c] -> (mixed output [b, n, c], r1 [b', n, 1]).
+    """One MoA layer: the prior's output [B, n, c] -> (mixed output [B, n, c], r1 [b, n, 1]).
 
-    `rows` (long [b']) restricts the personal expert to those batch rows (the others keep the
-    prior); None runs it on all. r1 is returned for the rows that ran, before `strength`.
+    x [B, n, c] is the attention's input, context/value [B, t, c'] its keys' and values' source
+    (x itself in self-attention). `rows` (long [b]) restricts the personal expert to those batch
+    rows (None: all); `region` [n, 1] scales w per pixel. r1 is the router's, before strength and
+    region, for every pixel of the rows that ran.
     """
     if rows is not None:
-        x, context, value = x[rows], context[rows], value[rows]
-    r1 = router_weight(layer, x, router_mode)
+        x, context, value = take_rows(rows, x, context, value)
+    r1 = router_weight(layer, x, mixing.router_mode)
+    w = personal_share(r1, mixing.strength, region)
+    pixels = None
+    if mixing.threshold > 0.0:
+        live, pixels, w = kept_pixels(w, mixing.threshold)
+        if live is not None:
+            if live.numel() == 0:
+                return prior_out, r1
+            x, context, value = take_rows(live, x, context, value)
+            rows = live if rows is None else rows[live]
+        if pixels is not None:
+            x, w = x.index_select(1, pixels), w.index_select(1, pixels)
     personal = personal_attention(x, context, value, prior, layer, attention, on_qk)
-    weight = r1 if strength == 1.0 else r1 * strength
-    if rows is None:
-        return mix(prior_out, personal, weight), r1
-    mixed = mix(prior_out[rows], personal, weight)
-    return prior_out.index_copy(0, rows, mixed), r1
+    return scatter_mix(prior_out, personal, w, rows, pixels), r1

@@ -8,12 +8,18 @@ expert and the router, and mix. An OUTER_SAMPLE wrapper starts a new router reco
 
 Patch objects are immutable and shared: clones (deep-copied or not) get the same objects and the
 same weights, and per-call state lives in `extra_options`.
+
+Cheaper modes are MoAOptions fields, resolved here once (the maths is moa_core.mixture's):
+personal_rows="cond" (uncond rows keep the prior), sparse_threshold (the personal expert runs
+only where w = r1 * strength * region passes it; the default), region (a mask scaling w). On the
+CPU the personal attention also runs in query chunks (CPU_SCORE_ELEMENTS).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import comfy.ldm.modules.attention as host_attention
+import comfy.ops
 import torch
 from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import WrappersMP
@@ -32,7 +38,10 @@ from ...moa_core import (
     subject_attention,
     subject_tokens,
 )
+from ...moa_core.errors import OptionsError
 from ...moa_core.helpers import seq_to_hw
+from ...moa_core.mixture import Mixing, chunked
+from ...moa_core.region import check_region, region_at, region_levels
 from .unet_layers import attention_modules, check_weights_fit
 
 STEP_KEY = "moa_step"
@@ -40,6 +49,22 @@ PROMPT_KEY = "moa_prompt"  # transformer_options: a PersonalPrompt for this call
 PROBE_KEY = "moa_probe"  # transformer_options: a TrainingProbe to fill during this call
 WRAPPER_KEY = "comfyui_moa"
 PERSONAL_ROWS = ("all", "cond")
+DEFAULT_SPARSE_THRESHOLD = 0.01
+"""Pixels whose personal weight w = r1 * strength * region is at most this keep the prior without
+running the personal expert. Per layer such a pixel moves by at most 1 % of |personal - prior|
+from the dense output. Bound for the default: the sampled latent stays within 5 % (max-norm) of
+the dense-vs-base difference, what one step (0.05) of the strength slider changes; measured
+0.0003 at 512 px (benchmarks/bench_sampling.py), while 0.05 here gives 0.11 and misses it."""
+CPU_SCORE_ELEMENTS = 1 << 21
+"""On the CPU the personal expert's attention runs in query chunks whose score matrix holds at
+most this many elements (8 MiB in float32) when ComfyUI's attention materialises the scores.
+One call at 64x64 px builds a 1 GiB score matrix and its softmax in fresh pages, faulted in on
+every call (524k page faults per layer call, measured); 8 MiB buffers are reused by the allocator
+(the personal expert then adds ~2 % of those faults) and stay in the cache."""
+_MATERIALISING = tuple(
+    getattr(host_attention, name) for name in ("attention_sub_quad", "attention_split", "attention_basic")
+    if hasattr(host_attention, name)
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,10 +74,28 @@ class MoAOptions:
     end_percent: float = 1.0  # ... to this one; outside, every layer is exactly the prior
     router_mode: RouterMode = RouterMode.LEARNED
     personal_rows: str = "all"  # "all" rows, or "cond": uncond rows keep the prior
+    sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD  # 0: the personal expert runs at every pixel
+    region: torch.Tensor | None = field(default=None, compare=False)  # [H, W] in [0, 1], scales r1
 
     def __post_init__(self) -> None:
         if self.personal_rows not in PERSONAL_ROWS:
-            raise ValueError(f"personal_rows must be one of {PERSONAL_ROWS}")
+            raise OptionsError(
+                f"personal_rows: {self.personal_rows!r} is not one of {PERSONAL_ROWS}; pick 'all' (faithful) "
+                "or 'cond' (uncond rows keep the prior: faster, changes what CFG amplifies)"
+            )
+        if not 0.0 <= self.sparse_threshold < 1.0:
+            raise OptionsError(
+                f"sparse_threshold: {self.sparse_threshold} is outside [0, 1); use 0 for the dense mixture or a "
+                f"small value such as {DEFAULT_SPARSE_THRESHOLD}"
+            )
+        if not self.strength >= 0.0:
+            raise OptionsError(f"strength: {self.strength} is negative; use 0 (plain model) to 1 (full MoA)")
+        if self.region is not None:
+            object.__setattr__(self, "region", check_region(self.region, "region"))
+
+    @property
+    def mixing(self) -> Mixing:
+        return Mixing(self.strength, self.router_mode, self.sparse_threshold)
 
 
 @dataclass(frozen=True)
@@ -63,6 +106,8 @@ class MoAStep:
     record_rows: torch.Tensor  # rows of r1 that are cond rows
     tokens: SubjectTokens  # the subject tokens of the cond rows
     step: int | None  # sampling step, when recording
+    regions: dict[int, torch.Tensor] | None  # pixel count of a level -> region [n, 1] there
+    max_scores: int  # query chunking of the personal attention (0: one call)
 
 
 @dataclass(frozen=True)
@@ -76,8 +121,11 @@ class MoARuntime:
     attn2_layers: dict
     prompt: PersonalPrompt
     options: MoAOptions
+    mixing: Mixing  # the options' mixing, resolved once
+    training_mixing: Mixing  # the same without sparsity: training forwards read every pixel
     sigma_start: float
     sigma_end: float
+    max_scores: int  # on the CPU; see CPU_SCORE_ELEMENTS
     record: RouterRecord | None = None
 
     def plan_step(
@@ -105,7 +153,10 @@ class MoARuntime:
         tokens = subject_tokens(prompt, cond, context.shape[1], timesteps, x.device)
         recording = self.record is not None and sigma is not None and bool(self.record.sigmas)
         step = self.record.step_of(sigma) if recording else None
-        return MoAStep(rows, record_rows, tokens, step)
+        region = self.options.region
+        regions = None if region is None else region_levels(region, tuple(x.shape[-2:]), x.device, x.dtype)
+        max_scores = self.max_scores if x.device.type == "cpu" else 0
+        return MoAStep(rows, record_rows, tokens, step, regions, max_scores)
 
 
 class _Shared:
@@ -164,12 +215,17 @@ class MoAOutputPatch(_Shared):
             def on_qk(q, k):
                 probe.attention[layer_index] = subject_attention(q, k, heads, step.tokens)
 
+        region = None if step.regions is None else _region(step, rt.options, x, extra_options)
+        attention = partial(_host_attention, heads=heads, options=extra_options)
+        if step.max_scores:
+            attention = chunked(partial(attention, skip_reshape=True), heads, step.max_scores)
+        mixing = rt.mixing if probe is None else rt.training_mixing  # training reads every pixel
         out, r1 = moa_attention(
-            n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index],
-            partial(_host_attention, heads=heads, options=extra_options),
-            step.rows, rt.options.strength, rt.options.router_mode, on_qk,
+            n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index], attention,
+            mixing, step.rows, region, on_qk,
         )  # fmt: skip
         if probe is not None:
+            probe.tokens = step.tokens
             probe.router[layer_index] = r1
             probe.grids[layer_index] = _grid(r1.shape[1], extra_options)
         if step.step is not None and step.record_rows.numel():
@@ -178,12 +234,20 @@ class MoAOutputPatch(_Shared):
         return out
 
 
-def _host_attention(q, k, v, heads: int, options: dict):
+def _host_attention(q, k, v, heads: int, options: dict, skip_reshape: bool = False):
     # Looked up per call: the backend the user picked (or another node overrides) applies to the
     # personal expert too, and equal inputs give the prior's exact output.
     return host_attention.optimized_attention(
-        q, k, v, heads, attn_precision=options.get("attn_precision"), transformer_options=options
-    )
+        q, k, v, heads, attn_precision=options.get("attn_precision"), skip_reshape=skip_reshape,
+        transformer_options=options,
+    )  # fmt: skip
+
+
+def _region(step: MoAStep, options: MoAOptions, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    region = step.regions.get(x.shape[1])
+    if region is None:  # a grid the latent's levels did not predict: resize for this layer
+        region = region_at(options.region.to(x.device), _grid(x.shape[1], extra_options))
+    return region
 
 
 def _grid(seq_len: int, extra_options: dict) -> tuple[int, int]:
@@ -256,8 +320,11 @@ def apply_moa(
         attn2_layers=attn2,
         prompt=prompt,
         options=options,
+        mixing=options.mixing,
+        training_mixing=Mixing(options.strength, options.router_mode),
         sigma_start=sampling.percent_to_sigma(options.start_percent),
         sigma_end=sampling.percent_to_sigma(options.end_percent),
+        max_scores=CPU_SCORE_ELEMENTS if host_attention.optimized_attention in _MATERIALISING else 0,
         record=record,
     )
     patched = model.clone()
@@ -271,5 +338,15 @@ def apply_moa(
     return patched
 
 
+_PLAIN_LINEAR = tuple(
+    cls for cls in (torch.nn.Linear, getattr(comfy.ops.disable_weight_init, "Linear", None),
+                    getattr(comfy.ops.manual_cast, "Linear", None)) if cls is not None
+)  # fmt: skip
+"""Linear layers whose forward is weight (cast, LoRA-patched) times input; quantised ones that
+also quantise their input are not, and keep the two-call personal projection."""
+
+
 def _projections(attn) -> PriorProjections:
-    return PriorProjections(attn.to_q, attn.to_k, attn.to_v, attn.to_out)
+    qkv = (attn.to_q, attn.to_k, attn.to_v)
+    linear = all(type(m) in _PLAIN_LINEAR and m.bias is None for m in qkv)
+    return PriorProjections(attn.to_q, attn.to_k, attn.to_v, attn.to_out, linear)

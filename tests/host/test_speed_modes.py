@@ -1,0 +1,183 @@
+"""Tier 2: the cheaper MoA modes keep the prior exactly where they skip work, and the benchmark runs."""
+
+import pytest
+import torch
+
+from comfyui_moa.moa_core import TrainingProbe
+from comfyui_moa.moa_core.errors import OptionsError
+from comfyui_moa.nodes.host.patch import PROBE_KEY, MoAOptions
+from comfyui_moa.nodes.host.unet_layers import attention_modules
+from moa_testing.tiny import sample
+
+REPO_BENCHMARKS = __import__("moa_pack").ROOT / "benchmarks"
+
+
+class OutputLog:
+    """attn1/attn2 output patches that keep every layer output they see, in call order."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __deepcopy__(self, memo):  # clone() deep-copies patch lists: keep logging here
+        return self
+
+    def __call__(self, n, extra_options, *args, **kwargs):
+        self.outputs.append((n.detach().clone(), list(extra_options["cond_or_uncond"])))
+        return n
+
+
+def logged(model, apply, weights, **options):
+    """(patched model, outputs before MoA, outputs after MoA) of every attention layer."""
+    before, after = OutputLog(), OutputLog()
+    model = model.clone()
+    model.set_model_attn1_output_patch(before)
+    model.set_model_attn2_output_patch(before)
+    patched = apply(weights, model=model, **options).clone()
+    patched.set_model_attn1_output_patch(after)
+    patched.set_model_attn2_output_patch(after)
+    return patched, before, after
+
+
+def centred_square(size: int = 256, area: float = 0.25) -> torch.Tensor:
+    region = torch.zeros(size, size)
+    side = round(size * area**0.5)
+    start = (size - side) // 2
+    region[start : start + side, start : start + side] = 1.0
+    return region
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05])
+def test_a_region_of_zeros_equals_base_model(base_model, conds, apply, trained, threshold):
+    patched = apply(trained, region=torch.zeros(64, 64), sparse_threshold=threshold)
+    assert torch.equal(sample(patched, *conds), sample(base_model, *conds))
+
+
+def test_a_region_of_ones_with_threshold_zero_equals_dense(conds, apply, trained):
+    dense = sample(apply(trained, sparse_threshold=0.0), *conds)
+    assert torch.equal(sample(apply(trained, region=torch.ones(37, 53), sparse_threshold=0.0), *conds), dense)
+
+
+def test_cond_only_leaves_every_uncond_row_of_every_layer_exactly_prior(base_model, conds, apply, trained):
+    patched, before, after = logged(base_model, apply, trained, personal_rows="cond")
+    sample(patched, *conds, steps=2)
+    assert len(before.outputs) == len(after.outputs) == 2 * 8
+    cond_changed = False
+    for (prior, kinds), (mixed, _) in zip(before.outputs, after.outputs, strict=True):
+        uncond, cond = kinds.index(1), kinds.index(0)
+        assert torch.equal(mixed[uncond], prior[uncond])
+        cond_changed |= not torch.equal(mixed[cond], prior[cond])
+    assert cond_changed
+
+
+def test_sparse_layers_keep_the_prior_exactly_outside_the_region_and_mix_inside(base_model, conds, apply, trained):
+    patched, before, after = logged(base_model, apply, trained, region=centred_square(), sparse_threshold=0.01)
+    sample(patched, *conds, steps=1)
+    changed_inside = 0
+    for (prior, _), (mixed, _) in zip(before.outputs, after.outputs, strict=True):
+        side = int(prior.shape[1] ** 0.5)
+        outside = centred_square(side) == 0  # the square's edges fall on every level's grid lines
+        grid = (mixed != prior).any(dim=-1).reshape(-1, side, side)
+        assert not grid[:, outside].any()
+        changed_inside += int(grid[:, ~outside].sum())
+    assert changed_inside > 0
+
+
+@pytest.mark.parametrize("threshold", [None, 0.05])
+def test_sparse_thresholds_stay_within_one_strength_step_of_dense(base_model, conds, apply, trained, threshold):
+    base = sample(base_model, *conds)
+    dense = sample(apply(trained, sparse_threshold=0.0), *conds)
+    options = {} if threshold is None else {"sparse_threshold": threshold}  # None: the default
+    sparse = sample(apply(trained, **options), *conds)
+    # a dropped pixel moves by at most threshold x its expert difference per layer; through 8
+    # layers and 3 steps the latent stays within 5 % of the effect MoA has at all, the change one
+    # strength step (0.05) makes
+    assert (sparse - dense).abs().max() <= 0.05 * (dense - base).abs().max()
+    if threshold is not None:
+        assert not torch.equal(sparse, dense)  # some pixels were skipped
+
+
+def test_training_forwards_run_the_personal_expert_on_every_pixel(base_model, conds, apply, trained):
+    modules = attention_modules(base_model.model.diffusion_model)
+    queries = {path: [] for path in modules}
+    handles = [
+        attn.to_out.register_forward_hook(lambda m, a, o, path=path: queries[path].append(a[0].shape[1]))
+        for path, attn in modules.items()
+    ]
+    patched = apply(trained, region=torch.zeros(8, 8)).clone()  # inference would skip every pixel
+    probe = TrainingProbe()
+    patched.model_options["transformer_options"][PROBE_KEY] = probe
+    try:
+        sample(patched, *conds, steps=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for path, counts in queries.items():
+        assert len(counts) == 2 and counts[0] == counts[1], path  # prior, then personal on every pixel
+    assert len(probe.router) == 8
+
+
+def test_chunked_personal_attention_matches_one_call_and_keeps_moa_init_exact(base_model, conds, apply, monkeypatch):
+    from comfyui_moa.moa_core import RouterMode
+    from comfyui_moa.nodes.host import patch
+    from moa_testing.tiny import moa_weights_for
+
+    trained = moa_weights_for(base_model, seed=7)
+    monkeypatch.setattr(patch, "CPU_SCORE_ELEMENTS", 0)  # one attention call per layer
+    one_call = sample(apply(trained, sparse_threshold=0.0), *conds)
+    monkeypatch.setattr(patch, "CPU_SCORE_ELEMENTS", 1)  # chunks of the fewest queries allowed
+    chunked = sample(apply(trained, sparse_threshold=0.0), *conds)
+    torch.testing.assert_close(chunked, one_call, rtol=0, atol=1e-4)  # float32 rounding at most
+    untrained = apply(moa_weights_for(base_model), router_mode=RouterMode.PERSONAL, sparse_threshold=0.0)
+    assert torch.equal(sample(untrained, *conds), sample(base_model, *conds))
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"sparse_threshold": 1.0}, "sparse_threshold"),
+        ({"sparse_threshold": -0.1}, "sparse_threshold"),
+        ({"personal_rows": "uncond"}, "personal_rows"),
+        ({"strength": -1.0}, "strength"),
+        ({"region": torch.full((8, 8), 2.0)}, "region"),
+    ],
+)
+def test_options_out_of_range_are_refused_naming_the_field(options, field):
+    with pytest.raises(OptionsError, match=f"^{field}: "):
+        MoAOptions(**options)
+
+
+def test_the_default_options_run_the_sparse_mixture_on_every_row():
+    options = MoAOptions()
+    assert options.personal_rows == "all" and 0.0 < options.sparse_threshold <= 0.01
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_BENCHMARKS))
+    import bench_sampling
+
+    return bench_sampling
+
+
+def test_benchmark_modes_parse_into_options(bench):
+    mode = bench.parse_mode("r64+cond+sparse=0.1")
+    assert (mode.rank, mode.options) == (64, {"sparse_threshold": 0.1, "personal_rows": "cond"})
+    assert bench.parse_mode("default").options == {}
+    assert bench.parse_mode("base").rank is None
+    with pytest.raises(SystemExit, match="unknown token"):
+        bench.parse_mode("fast")
+
+
+def test_benchmark_prints_a_ratio_for_every_mode(bench, capsys):
+    modes = bench.DEFAULT_MODES.split(",")
+    assert bench.main(["--model", "tiny", "--sizes", "64", "--rounds", "1", "--modes", ",".join(modes)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 64 |")}
+    assert [name.removesuffix(" (default)") for name in rows] == modes
+    assert any(name.endswith("(default)") for name in rows)
+    for name, cells in rows.items():
+        assert float(cells[4]) > 0, name  # MoA/base
+        if name != "base":
+            assert cells[6].strip().endswith("%"), name  # kept pixels
+    assert float(rows["dense"][7]) == 0.0  # its own deviation
+    assert "load_weights" in out and "subject encode" in out and "router maps" in out
