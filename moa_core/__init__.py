@@ -3,10 +3,19 @@
 No ComfyUI imports here: the host glue lives in the pack's `nodes/host`.
 """
 
-from .errors import ConditioningError, MoAError, WeightsFormatError, WeightsMismatchError
+from .errors import (
+    ConditioningError,
+    ConfigError,
+    DataError,
+    MoAError,
+    OptionsError,
+    WeightsFormatError,
+    WeightsMismatchError,
+)
 from .fuser import Fuser, FuserConfig
 from .layer import Delta, MoALayer
-from .mixture import PriorProjections, RouterMode, mix, moa_attention, personal_attention
+from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss
+from .mixture import Mixing, PriorProjections, RouterMode, mix, moa_attention, personal_attention
 from .probe import TrainingProbe
 from .prompt import PersonalPrompt, SubjectTokens, personal_context, subject_attention, subject_tokens
 from .record import RouterRecord
@@ -17,15 +26,19 @@ from .weights import ImageEncoderSpec, MoAConfig, MoAWeights, load_weights, moa_
 __all__ = [
     "FAMILY_BLOCKS",
     "ConditioningError",
+    "ConfigError",
+    "DataError",
     "Delta",
     "Fuser",
     "FuserConfig",
     "ImageEncoderSpec",
     "LayerSpec",
+    "Mixing",
     "MoAConfig",
     "MoAError",
     "MoALayer",
     "MoAWeights",
+    "OptionsError",
     "PersonalPrompt",
     "PriorProjections",
     "Router",
@@ -39,12 +52,16 @@ __all__ = [
     "block_path",
     "family_layer_paths",
     "load_weights",
+    "masked_diffusion_loss",
     "mix",
     "moa_attention",
     "moa_init",
+    "object_loss",
     "personal_attention",
     "personal_context",
+    "prior_map",
     "read_config",
+    "router_loss",
     "save_weights",
     "subject_attention",
     "subject_tokens",

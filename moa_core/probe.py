@@ -4,6 +4,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .prompt import SubjectTokens
+
 
 class TrainingProbe:
     """Filled during one forward: r1 of every MoA layer (with gradients) and, for the chosen
@@ -14,3 +16,4 @@ class TrainingProbe:
         self.router: dict[int, torch.Tensor] = {}  # layer -> r1 [b, n, 1]
         self.attention: dict[int, torch.Tensor] = {}  # layer -> [k, heads, n], see prompt.subject_attention
         self.grids: dict[int, tuple[int, int]] = {}  # layer -> (h, w) of its n pixels
+        self.tokens: SubjectTokens | None = None  # the k subject tokens the attention rows belong to

@@ -50,10 +50,12 @@ class PersonalPrompt:
 @dataclass(frozen=True)
 class SubjectTokens:
     """The subject tokens of one model call, flat: token `tokens[i]` of batch row `rows[i]`
-    carries the image embedding `images[i]`, at diffusion timestep `timestep[i]`."""
+    carries subject `subjects[i]` (its image embedding `images[i]`), at diffusion timestep
+    `timestep[i]`."""
 
     rows: torch.Tensor  # [k]
     tokens: torch.Tensor  # [k]
+    subjects: torch.Tensor  # [k], indices into the row's subjects
     images: torch.Tensor  # [k, e]
     timestep: torch.Tensor | None  # [k]
     context_length: int
@@ -92,11 +94,12 @@ def subject_tokens(
     tokens = rearrange(positions[row, slot][None] + length * copies[:, None], "c k -> (c k)")
     batch_rows = torch.tensor(list(cond_rows), dtype=torch.long)[row].repeat(len(copies))
     prompt_row = (row if rows > 1 else torch.zeros_like(row)).to(prompt.image_embeds.device)
-    images = prompt.image_embeds[prompt_row, subjects[row, slot].to(prompt.image_embeds.device)]
+    owners = subjects[row, slot]
+    images = prompt.image_embeds[prompt_row, owners.to(prompt.image_embeds.device)]
     images = images.repeat(len(copies), 1).to(device)
-    batch_rows, tokens = batch_rows.to(device), tokens.to(device)
+    batch_rows, tokens, owners = batch_rows.to(device), tokens.to(device), owners.repeat(len(copies)).to(device)
     steps = None if timestep is None else timestep.to(device)[batch_rows]
-    return SubjectTokens(batch_rows, tokens, images, steps, context_length)
+    return SubjectTokens(batch_rows, tokens, owners, images, steps, context_length)
 
 
 def personal_context(context: torch.Tensor, tokens: SubjectTokens, fuser: Fuser, layer: int | None) -> torch.Tensor:
