@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # Dark blue for the prior, through violet and orange, to pale yellow for the personal expert.
+# The one home of these colours: the web viewer receives them through colormap_stops().
 _ANCHORS = torch.tensor([0.0, 0.35, 0.7, 1.0])
 _COLOURS = torch.tensor(
     [
@@ -17,6 +18,15 @@ _COLOURS = torch.tensor(
         [1.00, 0.95, 0.35],
     ]
 )
+
+
+OVERLAY_ALPHA = 0.6  # how much of the heatmap covers the image where r1 is 1
+
+
+def colormap_stops() -> dict[str, list]:
+    """The colormap as plain lists, for the web viewer: anchors [k] in [0, 1], colours [k][3] in
+    [0, 1], and the overlay's alpha."""
+    return {"anchors": _ANCHORS.tolist(), "colours": _COLOURS.tolist(), "alpha": OVERLAY_ALPHA}
 
 
 def colormap(values: torch.Tensor) -> torch.Tensor:
@@ -41,7 +51,7 @@ def heatmap(maps: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Te
     return colormap(resize_maps(maps, size or tuple(maps.shape[-2:])))
 
 
-def overlay(image: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
+def overlay(image: torch.Tensor, maps: torch.Tensor, alpha: float = OVERLAY_ALPHA) -> torch.Tensor:
     """The heatmap of maps [b, h, w] over image [b, H, W, 3]; where r1 is 0 the image shows as is.
 
     One map for a batch of images is used for all of them.

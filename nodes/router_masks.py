@@ -5,6 +5,7 @@ import comfy.utils
 from ..moa_core import MoAError
 from ..moa_core.render import grid, heatmap, overlay
 from ..moa_core.unet_layout import LAYER_GROUPS, layers_in_group
+from .host import viewer
 from .types import MOA_RECORD
 
 GRID_TILE = 64
@@ -14,7 +15,8 @@ class MoARouterMasks:
     DESCRIPTION = (
         "Shows where the router sent each pixel during the last sampling run: bright where the personal expert "
         "painted (the subject), dark where the frozen prior did. Averages the chosen layers and steps; the grid "
-        "shows every layer (rows) at every step (columns). Connect the sampler's LATENT so it runs after sampling."
+        "shows every layer (rows) at every step (columns). Connect the sampler's LATENT so it runs after sampling. "
+        "After a run, the viewer on the node scrubs through the steps and layer groups without running again."
     )
     CATEGORY = "MoA"
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
@@ -25,6 +27,7 @@ class MoARouterMasks:
         "One heatmap per layer (rows, UNet order) and sampling step (columns), first image of the batch.",
     )
     FUNCTION = "render"
+    OUTPUT_NODE = True  # the viewer on the node is an output of its own: it runs with nothing connected
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -59,7 +62,7 @@ class MoARouterMasks:
         first = round(start_percent * (len(steps) - 1))
         window = steps[first : max(first, round(end_percent * (len(steps) - 1))) + 1]
         height, width = image.shape[1:3] if image is not None else [s * 8 for s in latent["samples"].shape[-2:]]
-        progress = comfy.utils.ProgressBar(2)
+        progress = comfy.utils.ProgressBar(3)
         # Steps where MoA did not act (strength 0, outside start/end) are all prior: r1 = 0.
         maps = router_record.stack((height, width), chosen, window, batch=latent["samples"].shape[0])
         mask = maps.mean(dim=(0, 1))
@@ -67,4 +70,6 @@ class MoARouterMasks:
         picture = overlay(image.cpu().float(), mask) if image is not None else heatmap(mask)
         everything = router_record.stack((GRID_TILE, GRID_TILE), chosen, steps, batch=1)[:, :, 0]  # [T, L, h, w]
         progress.update(1)
-        return (picture, mask, grid(everything.transpose(0, 1), tile=GRID_TILE))
+        shown = viewer.publish(router_record, layers, maps.shape[2], tuple(latent["samples"].shape[-2:]), image)
+        progress.update(1)
+        return {"ui": {viewer.UI_KEY: [shown]}, "result": (picture, mask, grid(everything.transpose(0, 1), GRID_TILE))}

@@ -16,11 +16,12 @@ import moa_pack
 moa_pack.load()
 
 REPO = moa_pack.ROOT
-HOST_TIERS = ("host", "server", "browser")
+HOST_TIERS = ("host", "server", "browser", "train")
 
-# Session fixtures writing test model files (they import comfy only when used). pytest reads
+# Session fixtures writing test model files, and the headless ComfyUI server that tiers 3 and 4
+# share (one per session); they import comfy or start anything only when used. pytest reads
 # pytest_plugins from this top-level conftest only, not from tests/host/conftest.py.
-pytest_plugins = ["moa_testing.fixtures"]
+pytest_plugins = ["moa_testing.fixtures", "moa_testing.server_fixtures"]
 
 HOST = moa_pack.find_host()
 

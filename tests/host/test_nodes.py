@@ -20,6 +20,14 @@ def moa_folder(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.fixture
+def temp_folder(tmp_path, monkeypatch):
+    """ComfyUI's temp folder (where previews and the router viewer's atlases go) in a temp folder."""
+    folder = tmp_path / "temp"
+    monkeypatch.setattr(folder_paths, "temp_directory", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip()
@@ -108,19 +116,72 @@ def test_subject_blend_moves_linearly_from_a_to_b(clip_vision):
         blend(a, subjects_of(clip_vision, 1, 2), 0.5)
 
 
-def test_router_masks_show_the_last_run(moa_folder, model, clip, clip_vision):
+def masks_of(*args, **kwargs):
+    """MoARouterMasks' outputs (masks, mask, layer_step_grid), without its ui part."""
+    return NODES["MoARouterMasks"].render(*args, **kwargs)["result"]
+
+
+def test_router_masks_show_the_last_run(moa_folder, temp_folder, model, clip, clip_vision):
     (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
     patched, positive, record = apply(model, moa, clip, subjects_of(clip_vision, 1))
     latent = {"samples": sample(patched, positive, text_cond(9), batch=2)}
-    masks, mask, grid = NODES["MoARouterMasks"].render(record, latent, "all", 0.0, 1.0)
+    shown = NODES["MoARouterMasks"].render(record, latent, "all", 0.0, 1.0)
+    masks, mask, grid = shown["result"]
+    (viewer,) = shown["ui"]["moa_router_viewer"]
+    assert viewer["pictures"] is None and viewer["size"] == [256, 256]  # no image: the latent's size, heatmap only
     assert masks.shape == (2, 256, 256, 3) and mask.shape == (2, 256, 256) and grid.shape[0] == 1
     assert mask.std() > 1e-4 and 0 <= mask.min() and mask.max() <= 1
     assert grid.shape[1:] == (8 * 66 - 2, 3 * 66 - 2, 3)  # 8 layers x 3 steps of 64 px tiles, 2 px gaps
     image = torch.rand(2, 256, 256, 3)
-    over, _, _ = NODES["MoARouterMasks"].render(record, latent, "cross-attention", 0.0, 1.0, image=image)
+    over, _, _ = masks_of(record, latent, "cross-attention", 0.0, 1.0, image=image)
     assert over.shape == image.shape and not torch.equal(over, image)
-    zero, _, _ = NODES["MoARouterMasks"].render(record, latent, "up", 0.5, 1.0)
+    zero, _, _ = masks_of(record, latent, "up", 0.5, 1.0)
     assert not torch.equal(zero, masks)
+
+
+def test_router_masks_hand_the_viewer_every_steps_maps_of_every_layer_group(
+    moa_folder, temp_folder, model, clip, clip_vision
+):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from comfyui_moa.moa_core.render import colormap_stops
+    from comfyui_moa.moa_core.unet_layout import LAYER_GROUPS, layers_in_group
+
+    (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
+    patched, positive, record = apply(model, moa, clip, subjects_of(clip_vision, 1))
+    latent = {"samples": sample(patched, positive, text_cond(9), batch=2)}  # 3 steps, 32 x 32 latent
+    image = torch.rand(2, 256, 256, 3)
+    (shown,) = NODES["MoARouterMasks"].render(record, latent, "cross-attention", 0.0, 1.0, image=image)["ui"][
+        "moa_router_viewer"
+    ]
+    assert json.loads(json.dumps(shown)) == shown  # travels to the browser as JSON
+    assert (shown["steps"], shown["batch"], shown["tile"], shown["size"]) == (3, 2, [32, 32], [256, 256])
+    assert shown["group"] == "cross-attention" and shown["acted"] == [True] * 3
+    assert shown["sigmas"] == list(record.sigmas) and shown["colormap"] == colormap_stops()
+    groups = [g for g in LAYER_GROUPS if layers_in_group(record.layer_paths, g)]
+    assert list(shown["groups"]) == groups
+
+    def read(file):
+        assert file["type"] == "temp"
+        return torch.from_numpy(np.array(Image.open(temp_folder / file["subfolder"] / file["filename"])))
+
+    columns, (th, tw) = shown["columns"], shown["tile"]
+    for group in groups:
+        atlas = read(shown["groups"][group])
+        assert atlas.ndim == 2 and atlas.shape[1] == columns * tw  # grayscale
+        layers = layers_in_group(record.layer_paths, group)
+        for k in range(2 * 3):
+            (row, column), (picture, step) = divmod(k, columns), divmod(k, 3)
+            tile = atlas[row * th : (row + 1) * th, column * tw : (column + 1) * tw].float() / 255
+            expected = record.stack((th, tw), layers, [step], batch=2)[0, :, picture].mean(0)
+            torch.testing.assert_close(tile, expected, rtol=0, atol=0.5 / 255 + 1e-6)  # 8-bit rounding
+    assert read(shown["groups"]["all"]).unique().numel() > 1  # not one flat grey: the maps were drawn
+    pictures = read(shown["pictures"])
+    assert shown["pictures"]["count"] == 2 and pictures.shape == (256, 2 * 256, 3)
+    assert torch.equal(pictures[:, 256:], (image[1] * 255).round().to(torch.uint8))
 
 
 def test_init_weights_writes_a_file_the_loader_reads_and_that_leaves_the_model_as_it_is(
@@ -228,10 +289,12 @@ def test_router_masks_say_why_when_there_is_nothing_to_show(moa_folder, model, c
         NODES["MoARouterMasks"].render(none, latent, "all", 0.0, 1.0)
 
 
-def test_router_masks_of_a_run_where_moa_did_not_act_show_the_prior_everywhere(moa_folder, model, clip, clip_vision):
+def test_router_masks_of_a_run_where_moa_did_not_act_show_the_prior_everywhere(
+    moa_folder, temp_folder, model, clip, clip_vision
+):
     (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
     patched, positive, record = apply(model, moa, clip, subjects_of(clip_vision, 1), strength=0.0)
     latent = {"samples": sample(patched, positive, text_cond(9))}
-    _, mask, grid = NODES["MoARouterMasks"].render(record, latent, "all", 0.0, 1.0)
+    _, mask, grid = masks_of(record, latent, "all", 0.0, 1.0)
     assert torch.equal(mask, torch.zeros(1, 256, 256))
     assert grid.shape[1:] == (8 * 66 - 2, 3 * 66 - 2, 3)

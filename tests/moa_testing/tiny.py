@@ -202,21 +202,49 @@ TINY_VAE = {
 
 
 def tiny_vae(seed: int = 0):
-    """ComfyUI's VAE around a 32-channel AutoencoderKL (SD1.5's VAE class, 0.4 M params) whose
-    encoder keeps the picture: random weights, the latent rescaled so that the UNet sees the unit
-    spread it sees with SD1.5's real VAE."""
+    """ComfyUI's VAE around a 32-channel AutoencoderKL (SD1.5's VAE class, 0.4 M params).
+
+    Random weights would scramble the picture, so the encoder is set by hand to what a trained one
+    keeps at 1/8 scale: each 8x8 block's colour. Its resnet and attention blocks are identities,
+    its downsamplers box filters; the output norm standardises the R, G, B channels (and their
+    negatives) over the image, and the latent holds swish(R), swish(G), swish(B) and
+    sum(swish(c) + swish(-c)) ~ how far the block's colour is from the picture's mean, rescaled
+    to the unit spread the UNet sees with SD1.5's real VAE. The decoder is random (previews only).
+    """
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     autoencoder = AutoencoderKL(**TINY_VAE)
     fill_(autoencoder, seed, std=0.05)
+    encoder = autoencoder.encoder
     with torch.no_grad():
-        for name, p in autoencoder.named_parameters():
-            if ".norm" in name or name.startswith(("encoder.norm_out", "decoder.norm_out")):
+        for name, p in encoder.named_parameters():
+            if "norm" in name:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
-        probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            elif ".conv2." in name or ".proj_out." in name:  # residual branches off: blocks are identities
+                p.zero_()
+        for level in encoder.down:
+            if hasattr(level, "downsample"):
+                level.downsample.conv.weight.zero_()
+                level.downsample.conv.bias.zero_()
+                for c in range(32):
+                    level.downsample.conv.weight[c, c] = 1.0 / 9
+        encoder.conv_in.weight.zero_()
+        encoder.conv_in.bias.zero_()
+        encoder.conv_out.weight.zero_()
+        encoder.conv_out.bias.zero_()
+        for c in range(3):
+            encoder.conv_in.weight[c, c, 1, 1] = 1.0
+            encoder.conv_in.weight[3 + c, c, 1, 1] = -1.0
+            encoder.conv_out.weight[c, c, 1, 1] = 1.0
+            encoder.conv_out.weight[3, c, 1, 1] = encoder.conv_out.weight[3, 3 + c, 1, 1] = 1.0
+        autoencoder.quant_conv.weight.zero_()
+        autoencoder.quant_conv.bias.zero_()
+        for c in range(8):
+            autoencoder.quant_conv.weight[c, c] = 1.0
+        probe = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
         latent = autoencoder.encode(probe)
-        scale = 1.0 / (float(latent.std()) * 0.18215)  # SD1.5's latent scale factor undone
-        autoencoder.quant_conv.weight.mul_(scale)
-        autoencoder.quant_conv.bias.mul_(scale).sub_(float(latent.mean()) * scale)
+        mean, std = latent.mean((0, 2, 3)), latent.std((0, 2, 3)) * 0.18215  # SD1.5's latent scale undone
+        autoencoder.quant_conv.weight[:4, :4, 0, 0] = torch.diag(1.0 / std)
+        autoencoder.quant_conv.bias[:4] = -mean / std
     return comfy.sd.VAE(sd=autoencoder.state_dict(), config={"params": TINY_VAE})

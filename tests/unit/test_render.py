@@ -78,3 +78,12 @@ def test_grid_lays_out_tiles_with_white_gaps():
     assert torch.equal(out[0, tile:step], torch.ones(gap, out.shape[2], 3))
     for j in (1, 2):
         assert torch.equal(out[0, :, j * step - gap : j * step], torch.ones(out.shape[1], gap, 3))
+
+
+def test_colormap_stops_are_the_colormaps_own_anchors_as_json_ready_lists():
+    import json
+
+    stops = json.loads(json.dumps(render.colormap_stops()))
+    assert stops["alpha"] == render.OVERLAY_ALPHA
+    for anchor, colour in zip(stops["anchors"], stops["colours"], strict=True):
+        torch.testing.assert_close(colormap(torch.tensor(anchor)), torch.tensor(colour), rtol=0, atol=1e-6)

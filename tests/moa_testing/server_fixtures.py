@@ -1,21 +1,16 @@
-"""Tier 3: a real headless ComfyUI (main.py --cpu) with this pack and generated model files.
+"""Session fixtures of tiers 3 and 4: one real headless ComfyUI (main.py --cpu) with this pack and
+generated model files, shared by the server tests and the browser tests.
 
-One server per session, started the way the runner starts one (the pack offered from a custom_nodes
-folder of its own), with --base-directory pointing at a temp folder whose models/ and input/ hold
-the files the example workflows name.
+Registered from tests/conftest.py (`pytest_plugins`); nothing starts unless a test asks for
+`comfy_server`. The server is started the way the runner starts one (the pack offered from a
+custom_nodes folder of its own), with --base-directory pointing at a temp folder whose models/ and
+input/ hold the files the example workflows name.
 """
 
-import asyncio
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-from moa_pack import ROOT, find_host
-from moa_testing.model_files import draw_faces
-from moa_testing.quick import QUICK
 
 # The file names the example workflows use, and the generated files standing in for them.
 MODEL_NAMES = {
@@ -34,6 +29,11 @@ def free_port() -> int:
 
 def write_inputs(folder: Path) -> None:
     """The subject photos (synthetic faces the test insightface pack detects) and a pose image."""
+    import numpy as np
+    from PIL import Image
+
+    from moa_testing.model_files import draw_faces
+
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(draw_faces(320, [(90, 70, 140)], seed=1)).save(folder / "moa_subject_man.png")
     Image.fromarray(draw_faces((300, 360), [(120, 60, 120)], seed=2)).save(folder / "moa_subject_woman.png")
@@ -58,6 +58,7 @@ def base_directory(tmp_path_factory, request, insightface_root) -> Path:
 @pytest.fixture(scope="session")
 def comfy_server(base_directory):
     from comfyui_moa.moa_runner.server import ComfyServer
+    from moa_pack import ROOT, find_host
 
     args = ["--cpu", "--base-directory", str(base_directory), "--disable-api-nodes"]
     with ComfyServer.start(find_host(), ROOT, free_port(), args) as server:
@@ -67,7 +68,10 @@ def comfy_server(base_directory):
 @pytest.fixture
 def run_workflow(comfy_server, tmp_path):
     """run_workflow(workflow dict, *overrides) -> RunResult, through the runner's own functions."""
+    import asyncio
+
     from comfyui_moa.moa_runner import run, workflow
+    from moa_testing.quick import QUICK
 
     runs = iter(range(1000))
 
