@@ -3,7 +3,8 @@
 import torch
 
 from ..moa_core import ImageEncoderSpec, MoAError, PersonalPrompt, RouterMode, RouterRecord, WeightsMismatchError
-from .host.patch import MoAOptions, apply_moa
+from ..moa_core.region import check_region
+from .host.patch import DEFAULT_SPARSE_THRESHOLD, MoAOptions, apply_moa
 from .host.text import BoundPrompt, bind_subject_words, parse_subject_words
 from .types import MOA_RECORD, MOA_SUBJECTS, MOA_WEIGHTS
 
@@ -94,6 +95,32 @@ class MoAApply:
                     "BOOLEAN",
                     {"default": True, "tooltip": "Keep the router maps of each step for MoA Router Masks."},
                 ),
+                "region": (
+                    "MASK",
+                    {
+                        "tooltip": "Where the subjects may appear: the personal expert's share is scaled by this mask, "
+                        "so black keeps the plain model exactly (and costs nothing)."
+                    },
+                ),
+                "sparse_threshold": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_SPARSE_THRESHOLD,
+                        "min": 0.0,
+                        "max": 0.5,
+                        "step": 0.005,
+                        "tooltip": "Speed: pixels whose personal share is at most this keep the prior without running "
+                        "the personal expert (0: every pixel). The default changes the image less than 5 % of "
+                        "what MoA changes.",
+                    },
+                ),
+                "uncond_rows": (
+                    ["personal expert", "prior only"],
+                    {
+                        "tooltip": "Speed: 'prior only' skips the personal expert on the negative prompt's rows "
+                        "(faster, but CFG then pushes harder towards the subject)."
+                    },
+                ),
             },
         }
 
@@ -111,6 +138,9 @@ class MoAApply:
         end_percent: float,
         router: str = RouterMode.LEARNED.value,
         record_router_maps: bool = True,
+        region=None,
+        sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD,
+        uncond_rows: str = "personal expert",
     ):
         words = parse_subject_words(subject_words, "MoAApply.subject_words")
         if len(words) != len(subjects):
@@ -124,7 +154,9 @@ class MoAApply:
         check_encoder(subjects, weights.config.image_encoder)
         bound = bind_subject_words(clip, text, words, ("MoAApply.text", "MoAApply.subject_words"))
         record = RouterRecord(weights.paths) if record_router_maps else None
-        options = MoAOptions(strength, start_percent, end_percent, RouterMode(router))
+        region = None if region is None else check_region(region, "MoAApply.region")
+        rows = "cond" if uncond_rows == "prior only" else "all"
+        options = MoAOptions(strength, start_percent, end_percent, RouterMode(router), rows, sparse_threshold, region)
         prompt = personal_prompt(bound, subjects)
         patched = apply_moa(model, moa_weights, prompt, options, record, ("MoAApply.model", "MoAApply.moa_weights"))
         return (patched, clip.encode_from_tokens_scheduled(bound.tokens), record)

@@ -20,6 +20,9 @@ MOA = "moa_sd15.safetensors"
 CONTROLNET = "control_v11p_sd15_openpose.safetensors"
 NEGATIVE = "blurry, lowres, deformed, watermark, text"
 SAMPLER = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+# Columns of the layout, left to right, 360 px apart so that 320 px wide nodes never overlap.
+LOADERS, PHOTOS, SUBJECTS, APPLY, SAMPLE, DECODE, SHOW = (360 * i for i in range(7))
+ROW = 440  # between subject rows: a LoadImage with its photo is about 400 px tall
 
 
 def object_info() -> dict:
@@ -90,23 +93,23 @@ class Graph:
         }
 
 
-def base(g: Graph, prompt_y: int = 0) -> dict:
+def base(g: Graph) -> dict:
     """Checkpoint, CLIP vision, InsightFace, MoA weights, negative prompt, latent: shared by every example."""
     parts = {
         "checkpoint": g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT),
         "clip_vision": g.add("CLIPVisionLoader", (0, 160), clip_name=CLIP_VISION),
         "faces": g.add("MoAInsightFaceLoader", (0, 280), model_pack="antelopev2", provider="CPU"),
         "moa": g.add("MoALoader", (0, 420), moa_name=MOA),
-        "negative": g.add("CLIPTextEncode", (760, 560 + prompt_y), title="Negative prompt", text=NEGATIVE),
-        "latent": g.add("EmptyLatentImage", (760, 760 + prompt_y), width=512, height=512, batch_size=1),
+        "negative": g.add("CLIPTextEncode", (LOADERS, 580), title="Negative prompt", text=NEGATIVE),
+        "latent": g.add("EmptyLatentImage", (LOADERS, 760), width=512, height=512, batch_size=1),
     }
     g.connect(parts["checkpoint"], "CLIP", parts["negative"], "clip")
     return parts
 
 
-def subject(g: Graph, parts: dict, image: str, pos: tuple[int, int], previous: dict | None = None) -> dict:
-    load = g.add("LoadImage", pos, title=f"Subject photo: {image}", image=image)
-    node = g.add("MoASubject", (pos[0] + 340, pos[1]), faces="largest face", margin=0.3)
+def subject(g: Graph, parts: dict, image: str, y: int, previous: dict | None = None) -> dict:
+    load = g.add("LoadImage", (PHOTOS, y), title=f"Subject photo: {image}", image=image)
+    node = g.add("MoASubject", (SUBJECTS, y), faces="largest face", margin=0.3)
     g.connect(load, "IMAGE", node, "image")
     g.connect(parts["clip_vision"], "CLIP_VISION", node, "clip_vision")
     g.connect(parts["faces"], "face_analysis", node, "face_analysis")
@@ -115,8 +118,8 @@ def subject(g: Graph, parts: dict, image: str, pos: tuple[int, int], previous: d
     return node
 
 
-def apply(g: Graph, parts: dict, subjects: dict, text: str, words: str, pos: tuple[int, int]) -> dict:
-    node = g.add("MoAApply", pos, text=text, subject_words=words)
+def apply(g: Graph, parts: dict, subjects: dict, text: str, words: str, y: int = 0) -> dict:
+    node = g.add("MoAApply", (APPLY, y), text=text, subject_words=words)
     g.connect(parts["checkpoint"], "MODEL", node, "model")
     g.connect(parts["moa"], "moa_weights", node, "moa_weights")
     g.connect(parts["checkpoint"], "CLIP", node, "clip")
@@ -124,87 +127,87 @@ def apply(g: Graph, parts: dict, subjects: dict, text: str, words: str, pos: tup
     return node
 
 
-def sample_and_show(g: Graph, parts: dict, moa: dict, pos: tuple[int, int], conds=None, prefix="MoA") -> None:
+def sample_and_show(g: Graph, parts: dict, moa: dict, y: int = 0, conds=None, prefix="MoA") -> None:
     """KSampler -> decode -> save, and the router masks over the image. `conds`: the (node, output)
     pairs of the positive and negative conditioning, if not MoA Apply's and the negative prompt."""
-    x, y = pos
     positive, negative = conds or ((moa, "positive"), (parts["negative"], "CONDITIONING"))
-    sampler = g.add("KSampler", (x, y), **SAMPLER)
+    sampler = g.add("KSampler", (SAMPLE, y), **SAMPLER)
     g.connect(moa, "model", sampler, "model")
     g.connect(*positive, sampler, "positive")
     g.connect(*negative, sampler, "negative")
     g.connect(parts["latent"], "LATENT", sampler, "latent_image")
-    decode = g.add("VAEDecode", (x + 340, y))
+    decode = g.add("VAEDecode", (DECODE, y))
     g.connect(sampler, "LATENT", decode, "samples")
     g.connect(parts["checkpoint"], "VAE", decode, "vae")
-    save = g.add("SaveImage", (x + 600, y), filename_prefix=prefix)
+    save = g.add("SaveImage", (SHOW, y), filename_prefix=prefix)
     g.connect(decode, "IMAGE", save, "images")
-    masks = g.add("MoARouterMasks", (x + 340, y + 160), layers="cross-attention")
+    masks = g.add("MoARouterMasks", (DECODE, y + 160), layers="cross-attention")  # its viewer makes it tall
     g.connect(moa, "router_record", masks, "router_record")
     g.connect(sampler, "LATENT", masks, "latent")
     g.connect(decode, "IMAGE", masks, "image")
     for i, output in enumerate(("masks", "layer_step_grid")):
-        preview = g.add("PreviewImage", (x + 600 + 300 * i, y + 300), title=f"Router {output.replace('_', ' ')}")
+        preview = g.add("PreviewImage", (SHOW + 360 * i, y + ROW), title=f"Router {output.replace('_', ' ')}")
         g.connect(masks, output, preview, "images")
 
 
 def one_subject(info: dict) -> dict:
     g = Graph(info)
     parts = base(g)
-    person = subject(g, parts, "moa_subject_man.png", (380, 0))
-    moa = apply(g, parts, person, "a photo of a man hiking in the mountains, golden hour", "man", (760, 0))
-    sample_and_show(g, parts, moa, (1140, 0))
+    person = subject(g, parts, "moa_subject_man.png", 0)
+    moa = apply(g, parts, person, "a photo of a man hiking in the mountains, golden hour", "man")
+    sample_and_show(g, parts, moa)
     return g.to_json()
 
 
 def two_subjects(info: dict) -> dict:
     g = Graph(info)
     parts = base(g)
-    first = subject(g, parts, "moa_subject_man.png", (380, 0))
-    second = subject(g, parts, "moa_subject_woman.png", (380, 300), previous=first)
+    first = subject(g, parts, "moa_subject_man.png", 0)
+    second = subject(g, parts, "moa_subject_woman.png", ROW, previous=first)
     text = "a man and a woman dancing at a street festival, photo"
-    moa = apply(g, parts, second, text, "man, woman", (760, 0))
-    sample_and_show(g, parts, moa, (1140, 0))
+    moa = apply(g, parts, second, text, "man, woman")
+    sample_and_show(g, parts, moa)
     return g.to_json()
 
 
 def controlnet(info: dict) -> dict:
     g = Graph(info)
     parts = base(g)
-    person = subject(g, parts, "moa_subject_man.png", (380, 0))
-    moa = apply(g, parts, person, "a photo of a man doing yoga on a beach", "man", (760, 0))
-    loader = g.add("ControlNetLoader", (380, 600), control_net_name=CONTROLNET)
-    pose = g.add("LoadImage", (380, 720), title="Pose image", image="moa_pose.png")
-    control = g.add("ControlNetApplyAdvanced", (1140, 560), strength=0.8, start_percent=0.0, end_percent=1.0)
+    person = subject(g, parts, "moa_subject_man.png", 0)
+    moa = apply(g, parts, person, "a photo of a man doing yoga on a beach", "man")
+    loader = g.add("ControlNetLoader", (PHOTOS, ROW), control_net_name=CONTROLNET)
+    pose = g.add("LoadImage", (SUBJECTS, ROW), title="Pose image", image="moa_pose.png")
+    control = g.add("ControlNetApplyAdvanced", (APPLY, ROW), strength=0.8, start_percent=0.0, end_percent=1.0)
     g.connect(moa, "positive", control, "positive")
     g.connect(parts["negative"], "CONDITIONING", control, "negative")
     g.connect(loader, "CONTROL_NET", control, "control_net")
     g.connect(pose, "IMAGE", control, "image")
-    sample_and_show(g, parts, moa, (1140, 0), conds=((control, "positive"), (control, "negative")))
+    sample_and_show(g, parts, moa, conds=((control, "positive"), (control, "negative")))
     return g.to_json()
 
 
 def morph(info: dict) -> dict:
     g = Graph(info)
     parts = base(g)
-    first = subject(g, parts, "moa_subject_man.png", (380, 0))
-    second = subject(g, parts, "moa_subject_woman.png", (380, 300))
-    blend = g.add("MoASubjectBlend", (760, 300), factor=0.5)
+    first = subject(g, parts, "moa_subject_man.png", 0)
+    second = subject(g, parts, "moa_subject_woman.png", ROW)
+    blend = g.add("MoASubjectBlend", (SUBJECTS, 2 * ROW - 140), factor=0.5)
     g.connect(first, "subjects", blend, "subjects_a")
     g.connect(second, "subjects", blend, "subjects_b")
-    moa = apply(g, parts, blend, "a portrait photo of a person in a cafe", "person", (760, 0))
-    sample_and_show(g, parts, moa, (1140, 0))
+    moa = apply(g, parts, blend, "a portrait photo of a person in a cafe", "person")
+    sample_and_show(g, parts, moa)
     return g.to_json()
 
 
 def swap(info: dict) -> dict:
     g = Graph(info)
-    parts = base(g, prompt_y=400)
+    parts = base(g)
     text = "a photo of a man reading a book on a park bench, autumn"
     for row, image in enumerate(("moa_subject_man.png", "moa_subject_woman.png")):
-        person = subject(g, parts, image, (380, row * 700))
-        moa = apply(g, parts, person, text, "man", (760, row * 700))
-        sample_and_show(g, parts, moa, (1140, row * 700), prefix=f"MoA_swap_{row + 1}")
+        y = row * 2 * ROW  # each run's masks and previews take two rows
+        person = subject(g, parts, image, y)
+        moa = apply(g, parts, person, text, "man", y)
+        sample_and_show(g, parts, moa, y, prefix=f"MoA_swap_{row + 1}")
     return g.to_json()
 
 
