@@ -298,3 +298,27 @@ def test_router_masks_of_a_run_where_moa_did_not_act_show_the_prior_everywhere(
     _, mask, grid = masks_of(record, latent, "all", 0.0, 1.0)
     assert torch.equal(mask, torch.zeros(1, 256, 256))
     assert grid.shape[1:] == (8 * 66 - 2, 3 * 66 - 2, 3)
+
+
+def test_a_black_region_keeps_the_plain_model_and_a_region_batch_is_refused(moa_folder, model, clip, clip_vision):
+    (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
+    subjects = subjects_of(clip_vision, 1)
+    patched, positive, _ = apply(model, moa, clip, subjects, region=torch.zeros(1, 64, 64))
+    negative = text_cond(9)
+    assert torch.equal(sample(patched, positive, negative), sample(model, positive, negative))
+    left, _, _ = apply(model, moa, clip, subjects, region=torch.ones(1, 64, 64), sparse_threshold=0.0)
+    dense, _, _ = apply(model, moa, clip, subjects, sparse_threshold=0.0)
+    assert torch.equal(sample(left, positive, negative), sample(dense, positive, negative))
+    with pytest.raises(MoAError, match="MoAApply.region: expected one mask"):
+        apply(model, moa, clip, subjects, region=torch.zeros(2, 64, 64))
+    assert not has_moa(model)
+
+
+def test_prior_only_uncond_rows_give_an_image_unlike_both_base_and_full_moa(moa_folder, model, clip, clip_vision):
+    (moa,) = NODES["MoALoader"].load(weights_file(moa_folder, model))
+    subjects = subjects_of(clip_vision, 1)
+    negative = text_cond(9)
+    full, positive, _ = apply(model, moa, clip, subjects)
+    cond_only, _, _ = apply(model, moa, clip, subjects, uncond_rows="prior only")
+    outputs = [sample(m, positive, negative) for m in (model, full, cond_only)]
+    assert not torch.equal(outputs[2], outputs[0]) and not torch.equal(outputs[2], outputs[1])
