@@ -44,6 +44,12 @@ def missing_files(prompt: dict, object_info: dict) -> list[str]:
             choices = object_info[node["class_type"]]["input"].get("required", {}).get(name, [None])[0]
             if folder and isinstance(value, str) and isinstance(choices, list) and value not in choices:
                 lines.append(f"{folder}/{value}  (node {node_id}, {node['class_type']}.{name})")
+    if lines:  # folders /object_info cannot vouch for: name them too, so one round of fetching does
+        lines += [
+            f"models/insightface/models/{node['inputs'].get('model_pack')}/*.onnx  (node {node_id}, checked at run)"
+            for node_id, node in prompt.items()
+            if node["class_type"] == "MoAInsightFaceLoader"
+        ]
     return lines
 
 

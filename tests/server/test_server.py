@@ -102,6 +102,7 @@ def test_the_runner_says_which_files_are_missing_and_where_they_go(comfy_server,
     )
     assert done.returncode == 1
     assert "models/moa/mine.safetensors" in done.stderr
+    assert "models/insightface/models/antelopev2/*.onnx" in done.stderr
 
 
 def test_the_runner_reports_the_failing_node(comfy_server, tmp_path):
