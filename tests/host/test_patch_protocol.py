@@ -293,9 +293,10 @@ def test_moa_on_tiny_sdxl_is_exact_at_init_and_acts_when_trained():
 def test_layer_tables_match_the_full_models(family):
     import comfy.supported_models
 
+    from benchmarks.bench_setup import SD15_UNET  # the benchmark's full SD1.5 UNet
     from comfyui_moa.moa_core import FAMILY_BLOCKS, family_layer_paths
 
-    configs = {"sd15": (comfy.supported_models.SD15, FULL_SD15), "sdxl": (comfy.supported_models.SDXL, FULL_SDXL)}
+    configs = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, FULL_SDXL)}
     cls, unet = configs[family]
     config = cls(dict(unet))
     config.set_inference_dtype(torch.float32, None)
@@ -305,14 +306,6 @@ def test_layer_tables_match_the_full_models(family):
     assert len(specs) == 2 * len(FAMILY_BLOCKS[family]) == {"sd15": 32, "sdxl": 140}[family]
 
 
-FULL_SD15 = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}  # fmt: skip
 FULL_SDXL = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,

@@ -27,26 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from moa_testing.tiny import moa_weights_for
+from moa_testing.tiny import TINY_SD15, moa_weights_for
 
 SMALL_SD15_UNET = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
-    "adm_in_channels": None,
-    "in_channels": 4,
-    "out_channels": 4,
+    **TINY_SD15,
     "model_channels": 320,  # SD15's detection matches on 320 channels; one level keeps it small
     "num_res_blocks": [1],
     "channel_mult": [1],
     "transformer_depth": [1],
     "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False,
-    "context_dim": 768,
-    "use_temporal_resblock": False,
-    "use_temporal_attention": False,
 }
 """The UNet of write_sd15_checkpoint: attention at input 1, middle 0, output 0 and 1 (8 attention layers)."""
 
