@@ -14,7 +14,8 @@ one 224 px image, plus the fuser of every cross-attention layer).
 
 Modes are "+"-joined tokens: dense (every pixel), cond (uncond rows keep the prior),
 sparse=T (threshold T), strength=S, r64 (rank-64 deltas), default (MoAOptions() as the node
-runs it); "base" is the model without MoA.
+runs it), host-kernel (the personal expert on ComfyUI's own attention kernel even where the
+patch would pick fused SDPA); "base" is the model without MoA.
 """
 
 import argparse
@@ -34,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_setup  # from this script's folder
 
 DEFAULT_MODES = (
-    "base,dense,dense+strength=0.95,cond,sparse=0.01,sparse=0.05,sparse=0.1,sparse=0.2,cond+sparse=0.01,"
-    "r64+dense,r64+sparse=0.01"
+    "base,dense,dense+strength=0.95,cond,sparse=0.01,sparse=0.05,sparse=0.2,cond+sparse=0.01,"
+    "r64+dense,r64+sparse=0.01,sparse=0.01+host-kernel"
 )
 """dense+strength=0.95 is there for its deviation: what one step of the strength slider changes."""
 
@@ -45,13 +46,14 @@ class Mode:
     name: str
     rank: int | None  # None: the base model; 0: full-rank deltas
     options: dict = field(default_factory=dict)  # MoAOptions fields
+    host_kernel: bool = False  # the personal expert on the host's attention kernel
 
 
 def parse_mode(spec: str) -> Mode:
     """ "r64+cond+sparse=0.05" -> Mode(rank 64, personal_rows "cond", sparse_threshold 0.05)."""
     if spec == "base":
         return Mode(spec, None)
-    rank, options = 0, {"sparse_threshold": 0.0}
+    rank, options, host_kernel = 0, {"sparse_threshold": 0.0}, False
     for token in spec.split("+"):
         if token == "dense":
             options["sparse_threshold"] = 0.0
@@ -65,10 +67,12 @@ def parse_mode(spec: str) -> Mode:
             options["strength"] = float(token.split("=", 1)[1])
         elif token[:1] == "r" and token[1:].isdigit():
             rank = int(token[1:])
+        elif token == "host-kernel":
+            host_kernel = True
         else:
-            known = "dense, cond, sparse=T, strength=S, rNN, default"
+            known = "dense, cond, sparse=T, strength=S, rNN, default, host-kernel"
             raise SystemExit(f"--modes: unknown token {token!r} in {spec!r} ({known})")
-    return Mode(spec, rank, options)
+    return Mode(spec, rank, options, host_kernel)
 
 
 class PeakMemory:
@@ -109,8 +113,9 @@ class PeakMemory:
 
 @dataclass
 class Result:
-    times: list = field(default_factory=list)  # seconds per step, one per round
+    times: list = field(default_factory=list)  # seconds per step, one per timed call
     peaks: list = field(default_factory=list)  # bytes
+    paired: list = field(default_factory=list)  # time / the base call timed right beside it
     output: torch.Tensor | None = None  # the sampled latent of the untimed first call
     kept: float | None = None  # fraction of (row, pixel) queries the personal expert ran on
     maps_bytes: int = 0
@@ -119,6 +124,7 @@ class Result:
 def build_variants(base, modes: list[Mode], region, prompt, seed: int) -> dict:
     """Mode name -> (patched model, router record or None), sharing weights per rank."""
     from comfyui_moa.moa_core import RouterRecord
+    from comfyui_moa.nodes.host import patch
     from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
 
     weights, variants = {}, {}
@@ -130,7 +136,13 @@ def build_variants(base, modes: list[Mode], region, prompt, seed: int) -> dict:
             weights[mode.rank] = bench_setup.weights_patcher(bench_setup.random_moa(base, mode.rank, seed))
         record = RouterRecord(weights[mode.rank].model.paths)  # MoA Apply records by default
         options = MoAOptions(**mode.options, region=region)
-        variants[mode.name] = (apply_moa(base, weights[mode.rank], prompt, options, record), record)
+        materialising = patch._MATERIALISING
+        if mode.host_kernel:
+            patch._MATERIALISING = ()  # what apply_moa reads to pick fused SDPA
+        try:
+            variants[mode.name] = (apply_moa(base, weights[mode.rank], prompt, options, record), record)
+        finally:
+            patch._MATERIALISING = materialising
     return variants
 
 
@@ -166,7 +178,9 @@ def sample_once(model, size: int, steps: int, seed: int, conds) -> torch.Tensor:
 
 
 def run_size(base, variants: dict, size: int, args, conds) -> dict[str, Result]:
-    """Warm-up call per variant (its output, kept fraction and maps), then timed rounds."""
+    """Warm-up call per variant (its output, kept fraction and maps), then timed rounds. In each
+    round every MoA mode is timed next to a base call (which goes first alternates), so a machine
+    whose speed drifts over minutes (a shared VM: +-15 % here) still gives a fair paired ratio."""
     cuda = torch.cuda.is_available()
     results = {name: Result() for name in variants}
     for name, (model, record) in variants.items():
@@ -178,18 +192,30 @@ def run_size(base, variants: dict, size: int, args, conds) -> dict[str, Result]:
         if record is not None:
             results[name].kept = kept_fraction(counts)
             results[name].maps_bytes = sum(r.numel() * r.element_size() for r in record._maps.values())
-    names = list(variants)
+
+    def timed(name: str) -> float:
+        with PeakMemory(cuda) as peak:
+            start = time.perf_counter()
+            sample_once(variants[name][0], size, args.steps, args.seed, conds)
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - start) / args.steps
+        results[name].times.append(elapsed)
+        results[name].peaks.append(peak.peak)
+        return elapsed
+
+    base_name = next((name for name, (model, record) in variants.items() if model is base), None)
+    names = [name for name in variants if name != base_name]
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order if r % 2 == 0 else order[::-1]:
-            with PeakMemory(cuda) as peak:
-                start = time.perf_counter()
-                sample_once(variants[name][0], size, args.steps, args.seed, conds)
-                if cuda:
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-            results[name].times.append(elapsed / args.steps)
-            results[name].peaks.append(peak.peak)
+        for i, name in enumerate(order if r % 2 == 0 else order[::-1]):
+            if base_name is None:
+                timed(name)
+            elif (r + i) % 2:
+                results[name].paired.append(timed(name) / timed(base_name))
+            else:
+                base_time = timed(base_name)
+                results[name].paired.append(timed(name) / base_time)
         print(f"  {size} px round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     return results
 
@@ -197,7 +223,10 @@ def run_size(base, variants: dict, size: int, args, conds) -> dict[str, Result]:
 def deviation(results: dict[str, Result], modes: dict[str, "Mode"], name: str) -> float | None:
     """max |mode - dense| / max |dense - base| of the sampled latents (dense: the same rank's)."""
     mode = modes[name]
-    dense = next((m for m in modes.values() if m.rank == mode.rank and m.options == {"sparse_threshold": 0.0}), None)
+    dense_options = {"sparse_threshold": 0.0}
+    dense = next(
+        (m for m in modes.values() if m.rank == mode.rank and m.options == dense_options and not m.host_kernel), None
+    )
     base = next((m for m in modes.values() if m.rank is None), None)
     if mode.rank is None or dense is None or base is None:
         return None
@@ -274,7 +303,7 @@ def machine() -> str:
 def is_default(mode: Mode) -> bool:
     from comfyui_moa.nodes.host.patch import MoAOptions
 
-    if mode.rank != 0:
+    if mode.rank != 0 or mode.host_kernel:
         return False
     options, default = MoAOptions(**mode.options), MoAOptions()
     fields = ("personal_rows", "sparse_threshold", "strength", "router_mode")
@@ -291,7 +320,7 @@ def table(size: int, modes: dict[str, Mode], results: dict[str, Result]) -> list
             ratio = paired = "-"
         else:
             ratio = f"{median / statistics.median(base.times):.3f}"
-            paired = f"{statistics.median(t / b for t, b in zip(res.times, base.times, strict=True)):.3f}"
+            paired = f"{statistics.median(res.paired):.3f}" if res.paired else "1.000"
         dev = deviation(results, modes, name)
         peak = statistics.median(res.peaks) / 2**30 if res.peaks else float("nan")
         extra = "-" if base is None or not res.peaks else f"{peak - statistics.median(base.peaks) / 2**30:+.2f}"
@@ -307,7 +336,7 @@ def table(size: int, modes: dict[str, Mode], results: dict[str, Result]) -> list
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes in pixels")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each variant once per round)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (each mode and a base call per round)")
     parser.add_argument("--steps", type=int, default=1, help="sampling steps per timed call")
     parser.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated; see the module docstring")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -327,10 +356,11 @@ def header(args, params: float) -> list[str]:
         f"- {machine()}",
         f"- SD1.5-architecture UNet ({params:.1f} M parameters, random weights); one step = one model call on "
         f"cond + uncond (batch 2) via `comfy.sample.sample` (euler, CFG 7); {args.steps} step(s) per call, "
-        f"{args.rounds} round(s), variants in rotating order; subject region: centred square over "
-        f"{100 * args.subject_area:.0f} % of the image",
-        "- ratio: of the medians; paired: median of per-round ratios; kept: share of (row, pixel) queries the "
-        "personal expert ran on; dev: max |latent - dense| / max |dense - base| after one step",
+        f"{args.rounds} round(s), modes in rotating order, each timed next to a base call; subject region: "
+        f"centred square over {100 * args.subject_area:.0f} % of the image",
+        "- paired: median over rounds of (mode / the base call beside it), the figure to read; MoA/base: ratio of "
+        "the medians; kept: share of (row, pixel) queries the personal expert ran on; dev: max |latent - dense| / "
+        "max |dense - base| after one step",
         "",
         "| px | mode | s/step | MoA/base | paired | kept | dev vs dense | peak GiB | Δ peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -29,6 +29,10 @@ class Delta(nn.Module):
         else:
             self.weight = nn.Parameter(torch.zeros(out_dim, in_dim))
 
+    def is_zero(self) -> bool:
+        """Whether this delta adds nothing (reads the weights back from their device)."""
+        return not (self.up if self.rank else self.weight).any()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rank:
             return F.linear(F.linear(x, like(self.down, x)), like(self.up, x))
@@ -46,3 +50,7 @@ class MoALayer(nn.Module):
         self.delta_v = Delta(spec.context_dim, spec.inner_dim, delta_rank)
         self.delta_out = Delta(spec.inner_dim, spec.query_dim, delta_rank)
         self.router = Router(spec.query_dim, router_hidden_dim(spec.query_dim, router_ratio), prior_init)
+
+    def personal_is_prior(self) -> bool:
+        """Whether every delta is zero: the personal expert then computes the prior's function."""
+        return all(d.is_zero() for d in (self.delta_q, self.delta_k, self.delta_v, self.delta_out))

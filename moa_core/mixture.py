@@ -8,7 +8,9 @@ which each subject word carries its subject. The router mixes them per pixel:
     out = prior + w * (personal - prior),   w = r1 * strength * region
 
 which equals r0 * prior + r1 * personal for r0 + r1 = 1 (strength 1, no region) and gives the
-prior bit for bit wherever w is zero or the two experts agree.
+prior bit for bit wherever w is zero. Where the caller knows the experts are the same function
+(zero deltas and the same context, as in "MoA init") the personal expert is not run at all: the
+prior is then the mixture exactly, whichever attention kernel the personal expert would use.
 
 Cheaper modes skip work without changing what they keep:
 - rows: the personal expert runs on some batch rows only (e.g. the cond rows); the others keep
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .helpers import like
 from .layer import Delta, MoALayer
@@ -35,8 +36,6 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 QKHook = Callable[[torch.Tensor, torch.Tensor], None]
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """q [b, n, h*d], k and v [b, t, h*d] -> [b, n, h*d]; the caller binds the head count."""
-HeadsAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""q [b, h, n, d], k and v [b, h, t, d] -> [b, n, h*d] (ComfyUI's skip_reshape layout)."""
 
 
 class RouterMode(enum.Enum):
@@ -55,12 +54,6 @@ class Mixing:
 
 
 DENSE = Mixing()
-
-MIN_QUERIES = 16
-"""Fewest queries the personal expert runs a gathered or chunked batch on. CPU BLAS switches to
-other kernels for a handful of rows (gemv and small-matrix paths), which round differently from
-the prior's full-size call; from 16 rows on, a subset of rows gives the same bits (measured with
-MKL at every SD1.5 shape), which keeps zero deltas exactly the prior in every mode."""
 
 
 @dataclass(frozen=True)
@@ -131,26 +124,6 @@ def plus_delta(base: torch.Tensor, delta: Delta, x: torch.Tensor) -> torch.Tenso
     return torch.addmm(base.reshape(-1, base.shape[-1]), flat, weight.t()).view(base.shape)
 
 
-def chunked(attention: HeadsAttentionFn, heads: int, max_scores: int) -> AttentionFn:
-    """An AttentionFn that splits the heads once and runs `attention` on query chunks whose score
-    matrix [b*h, chunk, t] holds at most `max_scores` elements.
-
-    Queries are independent rows of attention, so the result is the same; kernels that
-    materialise the scores (ComfyUI's CPU default) run several times faster when that matrix
-    stays small enough for the allocator to reuse and the cache to hold. Keys and values are laid
-    out once for every chunk; query chunks are views of at least MIN_QUERIES queries."""
-
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads).contiguous() for t in (q, k, v))
-        n, chunk = q.shape[2], max(1, max_scores // (q.shape[0] * heads * k.shape[2]))
-        parts = min(-(-n // chunk), n // MIN_QUERIES)  # equal parts of MIN_QUERIES to `chunk` queries
-        if parts <= 1:
-            return attention(q, k, v)
-        return torch.cat([attention(part, k, v) for part in q.tensor_split(parts, dim=2)], dim=1)
-
-    return run
-
-
 def mix(prior_out: torch.Tensor, personal_out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """r0 * prior + r1 * personal, written so that w == 0 or equal experts give the prior exactly.
 
@@ -182,10 +155,9 @@ def kept_pixels(w: torch.Tensor, threshold: float) -> Kept:
     Returns (rows [b'] of w where some pixel passes, or None for all; pixels [k] where some of
     those rows passes, sorted, or None for all; w [b', n, 1] with every pixel that does not pass
     in its own row set to exactly 0). Rows share one pixel set (the union) so the gathered queries
-    stay one rectangular batch; a small set is padded to MIN_QUERIES pixels (with w 0). A row
-    where nothing passes (e.g. an uncond row a trained router sends to the prior) is skipped.
-    Sizing the sets reads them back from the device: the one sync of a sparse layer, the price
-    of skipping the work.
+    stay one rectangular batch. A row where nothing passes (e.g. an uncond row a trained router
+    sends to the prior) is skipped. Sizing the sets reads them back from the device: the one sync
+    of a sparse layer, the price of skipping the work.
     """
     keep = w > threshold
     w = torch.where(keep, w, 0.0)
@@ -196,10 +168,6 @@ def kept_pixels(w: torch.Tensor, threshold: float) -> Kept:
         rows = None
     elif rows.numel():  # the pixels of the rows that run
         w, pixels = w[rows], keep[rows].any(dim=0)[:, 0].nonzero()[:, 0]
-    if 0 < pixels.numel() < MIN_QUERIES:
-        if n <= MIN_QUERIES:
-            return rows, None, w
-        pixels = w.amax(dim=0)[:, 0].topk(MIN_QUERIES).indices.sort().values  # kept ones are largest
     return rows, (None if pixels.numel() == n else pixels), w
 
 
@@ -247,17 +215,21 @@ def moa_attention(
     rows: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
     on_qk: QKHook | None = None,
+    personal_is_prior: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MoA layer: the prior's output [B, n, c] -> (mixed output [B, n, c], r1 [b, n, 1]).
 
     x [B, n, c] is the attention's input, context/value [B, t, c'] its keys' and values' source
     (x itself in self-attention). `rows` (long [b]) restricts the personal expert to those batch
     rows (None: all); `region` [n, 1] scales w per pixel. r1 is the router's, before strength and
-    region, for every pixel of the rows that ran.
+    region, for every pixel of the rows that ran. `personal_is_prior`: the caller knows the two
+    experts compute the same function here; only the router runs.
     """
     if rows is not None:
         x, context, value = take_rows(rows, x, context, value)
     r1 = router_weight(layer, x, mixing.router_mode)
+    if personal_is_prior:
+        return prior_out, r1
     w = personal_share(r1, mixing.strength, region)
     pixels = None
     if mixing.threshold > 0.0:

@@ -118,7 +118,8 @@ def training_model(
     # offload device = load device: ComfyUI's memory management never moves trainable weights away
     weights_patcher = ModelPatcher(weights, load_device=device, offload_device=device)
     no_subjects = PersonalPrompt.single(77, [], [], torch.zeros(1, weights.config.image_encoder.dim))
-    patched = apply_moa(models.model, weights_patcher, no_subjects, MoAOptions())  # each batch brings its prompt
+    # each batch brings its prompt; the weights change, so zero deltas are no shortcut
+    patched = apply_moa(models.model, weights_patcher, no_subjects, MoAOptions(), weights_fixed=False)
     mm.load_models_gpu([patched, weights_patcher, models.vision.patcher], force_full_load=True)
     frozen = Frozen(patched, models.clip, models.vae, models.vision)
     autocast = torch.bfloat16 if device.type == "cuda" else None

@@ -11,8 +11,9 @@ same weights, and per-call state lives in `extra_options`.
 
 Cheaper modes are MoAOptions fields, resolved here once (the maths is moa_core.mixture's):
 personal_rows="cond" (uncond rows keep the prior), sparse_threshold (the personal expert runs
-only where w = r1 * strength * region passes it; the default), region (a mask scaling w). On the
-CPU the personal attention also runs in query chunks (CPU_SCORE_ELEMENTS).
+only where w = r1 * strength * region passes it; the default), region (a mask scaling w). Layers
+whose deltas are zero skip the personal expert (it is the prior there), and where ComfyUI's
+attention builds the whole score matrix the personal expert runs fused SDPA (_MATERIALISING).
 """
 
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ...moa_core import (
 )
 from ...moa_core.errors import OptionsError
 from ...moa_core.helpers import seq_to_hw
-from ...moa_core.mixture import Mixing, chunked
+from ...moa_core.mixture import Mixing
 from ...moa_core.region import check_region, region_at, region_levels
 from .unet_layers import attention_modules, check_weights_fit
 
@@ -55,16 +56,15 @@ running the personal expert. Per layer such a pixel moves by at most 1 % of |per
 from the dense output. Bound for the default: the sampled latent stays within 5 % (max-norm) of
 the dense-vs-base difference, what one step (0.05) of the strength slider changes; measured
 0.0003 at 512 px (benchmarks/bench_sampling.py), while 0.05 here gives 0.11 and misses it."""
-CPU_SCORE_ELEMENTS = 1 << 21
-"""On the CPU the personal expert's attention runs in query chunks whose score matrix holds at
-most this many elements (8 MiB in float32) when ComfyUI's attention materialises the scores.
-One call at 64x64 px builds a 1 GiB score matrix and its softmax in fresh pages, faulted in on
-every call (524k page faults per layer call, measured); 8 MiB buffers are reused by the allocator
-(the personal expert then adds ~2 % of those faults) and stay in the cache."""
 _MATERIALISING = tuple(
     getattr(host_attention, name) for name in ("attention_sub_quad", "attention_split", "attention_basic")
     if hasattr(host_attention, name)
 )  # fmt: skip
+"""ComfyUI backends that build the score matrix in memory (the CPU default is sub_quad). With one
+of these the personal expert runs ComfyUI's attention_pytorch (torch's fused SDPA) instead: 1.85x
+faster on the gathered queries at 64x64 px on a 2-core CPU, no 1 GiB score matrix, and the same
+result to float rounding (1e-7). Any other backend (SDPA, xformers, sage, an override a node set)
+is the user's pick and runs the personal expert too."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,6 @@ class MoAStep:
     tokens: SubjectTokens  # the subject tokens of the cond rows
     step: int | None  # sampling step, when recording
     regions: dict[int, torch.Tensor] | None  # pixel count of a level -> region [n, 1] there
-    max_scores: int  # query chunking of the personal attention (0: one call)
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,8 @@ class MoARuntime:
     training_mixing: Mixing  # the same without sparsity: training forwards read every pixel
     sigma_start: float
     sigma_end: float
-    max_scores: int  # on the CPU; see CPU_SCORE_ELEMENTS
+    fused_attention: bool  # the personal expert runs attention_pytorch; see _MATERIALISING
+    same_as_prior: frozenset[int]  # MoA layers whose deltas are zero (personal expert == prior)
     record: RouterRecord | None = None
 
     def plan_step(
@@ -155,8 +155,7 @@ class MoARuntime:
         step = self.record.step_of(sigma) if recording else None
         region = self.options.region
         regions = None if region is None else region_levels(region, tuple(x.shape[-2:]), x.device, x.dtype)
-        max_scores = self.max_scores if x.device.type == "cpu" else 0
-        return MoAStep(rows, record_rows, tokens, step, regions, max_scores)
+        return MoAStep(rows, record_rows, tokens, step, regions)
 
 
 class _Shared:
@@ -204,8 +203,10 @@ class MoAOutputPatch(_Shared):
         step: MoAStep = extra_options[STEP_KEY]
         rt = self.runtime
         heads = extra_options["n_heads"]
+        same_as_prior = layer_index in rt.same_as_prior
         if self.cross:
             fused = personal_context(context, step.tokens, rt.weights.fuser, rt.weights.cross_index[layer_index])
+            same_as_prior = same_as_prior and torch.equal(fused, context)
             value = fused if value is context else value
             context = fused
         probe: TrainingProbe | None = extra_options.get(PROBE_KEY)
@@ -216,13 +217,11 @@ class MoAOutputPatch(_Shared):
                 probe.attention[layer_index] = subject_attention(q, k, heads, step.tokens)
 
         region = None if step.regions is None else _region(step, rt.options, x, extra_options)
-        attention = partial(_host_attention, heads=heads, options=extra_options)
-        if step.max_scores:
-            attention = chunked(partial(attention, skip_reshape=True), heads, step.max_scores)
+        attention = partial(_attention, heads=heads, options=extra_options, fused=rt.fused_attention)
         mixing = rt.mixing if probe is None else rt.training_mixing  # training reads every pixel
         out, r1 = moa_attention(
             n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index], attention,
-            mixing, step.rows, region, on_qk,
+            mixing, step.rows, region, on_qk, same_as_prior,
         )  # fmt: skip
         if probe is not None:
             probe.tokens = step.tokens
@@ -234,13 +233,11 @@ class MoAOutputPatch(_Shared):
         return out
 
 
-def _host_attention(q, k, v, heads: int, options: dict, skip_reshape: bool = False):
-    # Looked up per call: the backend the user picked (or another node overrides) applies to the
-    # personal expert too, and equal inputs give the prior's exact output.
-    return host_attention.optimized_attention(
-        q, k, v, heads, attn_precision=options.get("attn_precision"), skip_reshape=skip_reshape,
-        transformer_options=options,
-    )  # fmt: skip
+def _attention(q, k, v, heads: int, options: dict, fused: bool):
+    # Looked up per call: the backend the user picked applies to the personal expert too, and
+    # through transformer_options so does an override another node set.
+    backend = host_attention.attention_pytorch if fused else host_attention.optimized_attention
+    return backend(q, k, v, heads, attn_precision=options.get("attn_precision"), transformer_options=options)
 
 
 def _region(step: MoAStep, options: MoAOptions, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -295,9 +292,12 @@ def apply_moa(
     options: MoAOptions = MoAOptions(),
     record: RouterRecord | None = None,
     input_names: tuple[str, str] = ("model", "moa_weights"),
+    weights_fixed: bool = True,
 ) -> ModelPatcher:
     """A clone of `model` with MoA patched in. Everything is checked before the clone, so a bad
-    input leaves nothing half-applied. `input_names` name the node inputs in error messages."""
+    input leaves nothing half-applied. `input_names` name the node inputs in error messages.
+    `weights_fixed`: the weights stay as they are while the clone is used; a trainer, which
+    changes them, passes False (layers with zero deltas then still run the personal expert)."""
     weights: MoAWeights = weights_patcher.model
     if has_moa(model):
         raise MoAError(
@@ -324,7 +324,10 @@ def apply_moa(
         training_mixing=Mixing(options.strength, options.router_mode),
         sigma_start=sampling.percent_to_sigma(options.start_percent),
         sigma_end=sampling.percent_to_sigma(options.end_percent),
-        max_scores=CPU_SCORE_ELEMENTS if host_attention.optimized_attention in _MATERIALISING else 0,
+        fused_attention=host_attention.optimized_attention in _MATERIALISING,
+        same_as_prior=frozenset(
+            i for i, layer in enumerate(weights.layers) if weights_fixed and layer.personal_is_prior()
+        ),
         record=record,
     )
     patched = model.clone()

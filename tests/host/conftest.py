@@ -25,13 +25,15 @@ def one_subject(prompt_length: int = 77, position: int = 5, seed: int = 3) -> Pe
 
 @pytest.fixture
 def apply(base_model):
-    """apply(weights, prompt=None, record=False, model=None, **MoAOptions fields) -> patched model."""
+    """apply(weights, prompt=None, record=False, model=None, weights_fixed=True, **MoAOptions fields)
+    -> patched model."""
     from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
 
-    def _apply(weights, prompt=None, record=False, model=None, **options):
+    def _apply(weights, prompt=None, record=False, model=None, weights_fixed=True, **options):
         rec = RouterRecord(weights.paths) if record else None
+        model, options = model or base_model, MoAOptions(**options)
         patched = apply_moa(
-            model or base_model, model_patcher(weights), prompt or one_subject(), MoAOptions(**options), rec
+            model, model_patcher(weights), prompt or one_subject(), options, rec, weights_fixed=weights_fixed
         )
         return (patched, rec) if record else patched
 

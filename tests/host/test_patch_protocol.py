@@ -152,11 +152,17 @@ def test_lora_on_the_model_reaches_both_experts(base_model, conds, trained):
     base_lora = sample(lora_model, *conds)
     assert (base_lora - sample(base_model, *conds)).abs().max() > 1e-4, "the test LoRA does nothing"
 
-    def moa_on(model, weights, router_mode):
-        return apply_moa(model, model_patcher(weights), one_prompt(), MoAOptions(router_mode=router_mode))
+    def moa_on(model, weights, router_mode, weights_fixed=True):
+        options = MoAOptions(router_mode=router_mode)
+        return apply_moa(model, model_patcher(weights), one_prompt(), options, weights_fixed=weights_fixed)
 
-    # the personal expert is the model's own (LoRA-patched) projection plus a zero delta: equal to the prior
+    # the personal expert is the model's own (LoRA-patched) projection plus a zero delta: the prior,
+    # computed again (weights_fixed=False runs it) on the fused kernel, or skipped as known equal
     untrained = moa_weights_for(base_model)
+    personal = sample(moa_on(lora_model, untrained, RouterMode.PERSONAL, weights_fixed=False), *conds)
+    torch.testing.assert_close(personal, base_lora, rtol=1e-5, atol=1e-4)  # float rounding
+    base = sample(base_model, *conds)
+    assert (personal - base).abs().max() > 100 * (personal - base_lora).abs().max()  # the LoRA is in it
     assert torch.equal(sample(moa_on(lora_model, untrained, RouterMode.PERSONAL), *conds), base_lora)
     assert torch.equal(sample(moa_on(lora_model, trained, RouterMode.PRIOR), *conds), base_lora)
     # and it does not matter whether the LoRA is loaded before or after MoA

@@ -116,19 +116,50 @@ def test_training_forwards_run_the_personal_expert_on_every_pixel(base_model, co
     assert len(probe.router) == 8
 
 
-def test_chunked_personal_attention_matches_one_call_and_keeps_moa_init_exact(base_model, conds, apply, monkeypatch):
+def test_fused_personal_attention_matches_the_host_kernel_and_moa_init_stays_exact(
+    base_model, conds, apply, trained, monkeypatch
+):
     from comfyui_moa.moa_core import RouterMode
     from comfyui_moa.nodes.host import patch
     from moa_testing.tiny import moa_weights_for
 
-    trained = moa_weights_for(base_model, seed=7)
-    monkeypatch.setattr(patch, "CPU_SCORE_ELEMENTS", 0)  # one attention call per layer
-    one_call = sample(apply(trained, sparse_threshold=0.0), *conds)
-    monkeypatch.setattr(patch, "CPU_SCORE_ELEMENTS", 1)  # chunks of the fewest queries allowed
-    chunked = sample(apply(trained, sparse_threshold=0.0), *conds)
-    torch.testing.assert_close(chunked, one_call, rtol=0, atol=1e-4)  # float32 rounding at most
+    def runtime(model):
+        return model.model_options["transformer_options"]["patches"]["attn1_output_patch"][0].runtime
+
+    fused = apply(trained, sparse_threshold=0.0)
+    assert runtime(fused).fused_attention  # the CPU host's default kernel materialises the scores
+    monkeypatch.setattr(patch, "_MATERIALISING", ())  # the personal expert on ComfyUI's own kernel
+    host_kernel = apply(trained, sparse_threshold=0.0)
+    assert not runtime(host_kernel).fused_attention
+    fused_out, host_out, base = sample(fused, *conds), sample(host_kernel, *conds), sample(base_model, *conds)
+    torch.testing.assert_close(fused_out, host_out, rtol=1e-5, atol=1e-4)  # float32 rounding at most
+    assert (fused_out - base).abs().max() > 1e-2
+    monkeypatch.undo()
     untrained = apply(moa_weights_for(base_model), router_mode=RouterMode.PERSONAL, sparse_threshold=0.0)
-    assert torch.equal(sample(untrained, *conds), sample(base_model, *conds))
+    assert torch.equal(sample(untrained, *conds), base)
+
+
+def test_zero_deltas_skip_the_personal_expert_unless_the_weights_are_being_trained(base_model, conds, apply):
+    from comfyui_moa.moa_core import RouterMode
+    from moa_testing.tiny import moa_weights_for
+
+    modules = attention_modules(base_model.model.diffusion_model)
+    calls = {path: 0 for path in modules}
+    handles = [
+        attn.to_out.register_forward_hook(lambda m, a, o, path=path: calls.__setitem__(path, calls[path] + 1))
+        for path, attn in modules.items()
+    ]
+    untrained = moa_weights_for(base_model)
+    try:
+        for weights_fixed, personal_calls in ((True, 0), (False, 1)):
+            calls.update(dict.fromkeys(calls, 0))
+            model = apply(untrained, router_mode=RouterMode.PERSONAL, weights_fixed=weights_fixed)
+            out = sample(model, *conds, steps=1)
+            assert set(calls.values()) == {1 + personal_calls}, weights_fixed  # the prior, then the personal
+            torch.testing.assert_close(out, sample(base_model, *conds, steps=1), rtol=1e-5, atol=1e-4)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.mark.parametrize(

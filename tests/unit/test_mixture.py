@@ -5,11 +5,9 @@ from torch import nn
 from comfyui_moa.moa_core.layer import Delta, MoALayer
 from comfyui_moa.moa_core.mixture import (
     DENSE,
-    MIN_QUERIES,
     Mixing,
     PriorProjections,
     RouterMode,
-    chunked,
     mix,
     moa_attention,
     personal_attention,
@@ -165,7 +163,7 @@ def test_untrained_layer_gives_prior_bit_for_bit_whatever_the_router(attention, 
     assert torch.equal(out, prior_out)
 
 
-# Sparse routing, rows and chunking: checked against the dense computation.
+# Sparse routing and rows: checked against the dense computation.
 
 SELF_SPEC = LayerSpec("input_blocks.1.1.transformer_blocks.0.attn1", C, C, INNER)
 N_BIG = 40  # enough pixels for some to pass a threshold and some not
@@ -244,9 +242,9 @@ def test_nothing_passing_the_threshold_returns_the_prior_without_running_the_exp
     assert r1.shape == (B, N_BIG, 1)
 
 
-@pytest.mark.parametrize(("kept", "queries"), [(18, 18), (3, MIN_QUERIES)])
-def test_sparse_runs_the_expert_on_the_kept_queries_only(attention, perturb, kept, queries):
-    """Keys over every pixel; a handful of kept pixels is padded to MIN_QUERIES (their w is 0)."""
+@pytest.mark.parametrize("kept", [18, 3])
+def test_sparse_runs_the_expert_on_the_kept_queries_only(attention, perturb, kept):
+    """Queries at the kept pixels, keys over every pixel."""
     prior_out, (x, context, value, prior, layer, attn) = layer_case(perturb, attention, cross=False)
     region = torch.zeros(N_BIG, 1)
     region[2 : 2 + kept] = 1.0
@@ -258,7 +256,7 @@ def test_sparse_runs_the_expert_on_the_kept_queries_only(attention, perturb, kep
 
     args = (x, context, value, prior, layer)
     out, _ = moa_attention(prior_out, *args, counted, Mixing(threshold=1e-6), region=region)
-    assert calls == [(queries, N_BIG)]
+    assert calls == [(kept, N_BIG)]
     dense, _ = moa_attention(prior_out, *args, attn, region=region)
     torch.testing.assert_close(out, dense, **TOL)
     assert torch.equal(out[:, region[:, 0] == 0], prior_out[:, region[:, 0] == 0])
@@ -296,26 +294,6 @@ def test_sparse_on_some_rows_leaves_the_others_bit_identical(attention, perturb,
     assert torch.equal(out[1], prior_out[1])
     assert r1.shape == (2, N_BIG, 1)
     torch.testing.assert_close(out[rows], full[rows], **TOL)
-
-
-def test_chunked_attention_equals_one_call_and_bounds_the_score_matrix(attention):
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 50, INNER, generator=generator) for _ in range(3))
-    sizes = []
-
-    def heads_first(q, k, v):  # [b, h, n, d] in, [b, n, h*d] out, as ComfyUI's skip_reshape
-        sizes.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
-
-    q, k, v = (torch.randn(2, 100, INNER, generator=generator) for _ in range(3))
-    out = chunked(heads_first, HEADS, max_scores=2 * HEADS * 20 * 100)(q, k, v)
-    torch.testing.assert_close(out, attention(HEADS)(q, k, v), rtol=0, atol=1e-6)
-    assert len(sizes) == 5 and max(sizes) <= 2 * HEADS * 20 * 100
-    chunked(heads_first, HEADS, max_scores=1)(q, k, v)  # never fewer than MIN_QUERIES per call
-    assert len(sizes) == 5 + 6 and min(sizes[5:]) == 2 * HEADS * MIN_QUERIES * 100
-    chunked(heads_first, HEADS, max_scores=1 << 30)(q, k, v)
-    assert len(sizes) == 5 + 6 + 1  # one call when the whole score matrix fits
 
 
 def test_plus_delta_adds_the_delta_of_any_rank_exactly_zero_for_zero(perturb):
@@ -373,3 +351,26 @@ def test_a_row_where_nothing_passes_is_skipped_and_keeps_the_prior_exactly(atten
     assert torch.equal(out[batch_rows[dead]], prior_out[batch_rows[dead]])
     kept = (r1 > threshold)[..., None].expand(-1, -1, C)
     torch.testing.assert_close(out[batch_rows][kept], dense[batch_rows][kept], **TOL)
+
+
+def test_a_personal_expert_known_to_be_the_prior_is_not_run_and_the_router_still_is(attention, perturb):
+    prior_out, (x, context, value, prior, layer, attn) = layer_case(perturb, attention, cross=True)
+    calls = []
+
+    def counted(q, k, v):
+        calls.append(q.shape)
+        return attn(q, k, v)
+
+    _, r1 = moa_attention(prior_out, x, context, value, prior, layer, counted)
+    out, r1_skipped = moa_attention(prior_out, x, context, value, prior, layer, counted, personal_is_prior=True)
+    assert out is prior_out and len(calls) == 1
+    assert torch.equal(r1_skipped, r1)  # the router maps are still recorded
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_a_layer_is_the_prior_exactly_while_every_delta_is_zero(rank):
+    layer = MoALayer(SPEC, delta_rank=rank)
+    assert layer.personal_is_prior()  # MoA init, whatever the router
+    with torch.no_grad():
+        (layer.delta_v.up if rank else layer.delta_v.weight)[0, 0] = 1e-30
+    assert not layer.personal_is_prior()
