@@ -229,14 +229,20 @@ def test_threshold_below_every_weight_is_the_dense_mixture_exactly(attention, pe
     assert torch.equal(sparse, dense)
 
 
-def test_nothing_passing_the_threshold_returns_the_prior_without_running_the_expert(attention, perturb):
-    prior_out, (x, context, value, prior, layer, attn) = layer_case(perturb, attention, cross=True)
+def counting(attn):
+    """(attn, recording the query shape of each call; the list of those shapes)."""
     calls = []
 
     def counted(q, k, v):
         calls.append(q.shape)
         return attn(q, k, v)
 
+    return counted, calls
+
+
+def test_nothing_passing_the_threshold_returns_the_prior_without_running_the_expert(attention, perturb):
+    prior_out, (x, context, value, prior, layer, attn) = layer_case(perturb, attention, cross=True)
+    counted, calls = counting(attn)
     out, r1 = moa_attention(prior_out, x, context, value, prior, layer, counted, Mixing(threshold=0.999))
     assert out is prior_out and calls == []
     assert r1.shape == (B, N_BIG, 1)
@@ -355,12 +361,7 @@ def test_a_row_where_nothing_passes_is_skipped_and_keeps_the_prior_exactly(atten
 
 def test_a_personal_expert_known_to_be_the_prior_is_not_run_and_the_router_still_is(attention, perturb):
     prior_out, (x, context, value, prior, layer, attn) = layer_case(perturb, attention, cross=True)
-    calls = []
-
-    def counted(q, k, v):
-        calls.append(q.shape)
-        return attn(q, k, v)
-
+    counted, calls = counting(attn)
     _, r1 = moa_attention(prior_out, x, context, value, prior, layer, counted)
     out, r1_skipped = moa_attention(prior_out, x, context, value, prior, layer, counted, personal_is_prior=True)
     assert out is prior_out and len(calls) == 1
