@@ -38,24 +38,23 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def read_rgb(path: Path) -> torch.Tensor:
-    """An image file -> uint8 [3, H, W] (greyscale, palette and alpha images become RGB)."""
+def _read(path: Path, mode: str, what: str) -> np.ndarray:
+    """An image file as a PIL `mode` array; an unreadable file is a DataError naming it."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            return np.asarray(image.convert(mode))
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"{path.name}: unreadable image ({e})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        raise DataError(f"{path.name}: unreadable {what} ({e})") from None
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """An image file -> uint8 [3, H, W] (greyscale, palette and alpha images become RGB)."""
+    return torch.from_numpy(_read(path, "RGB", "image").copy()).permute(2, 0, 1)
 
 
 def read_mask(path: Path) -> torch.Tensor:
     """A mask image -> bool [H, W]: the subject is where the mask is brighter than mid-grey."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L"))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"{path.name}: unreadable mask ({e})") from None
-    return torch.from_numpy(array > 127)
+    return torch.from_numpy(_read(path, "L", "mask") > 127)
 
 
 def fit_square(image: torch.Tensor, masks: torch.Tensor, size: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
