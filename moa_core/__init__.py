@@ -17,7 +17,7 @@ from .layer import Delta, MoALayer
 from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss
 from .mixture import Mixing, PriorProjections, RouterMode, mix, moa_attention, personal_attention
 from .probe import TrainingProbe
-from .prompt import PersonalPrompt, SubjectTokens, personal_context, subject_attention, subject_tokens
+from .prompt import PersonalPrompt, SubjectTokens, fuse_subjects, personal_context, subject_attention, subject_tokens
 from .record import RouterRecord
 from .router import Router
 from .unet_layout import FAMILY_BLOCKS, LayerSpec, block_key, block_path, family_layer_paths
@@ -51,6 +51,7 @@ __all__ = [
     "block_key",
     "block_path",
     "family_layer_paths",
+    "fuse_subjects",
     "load_weights",
     "masked_diffusion_loss",
     "mix",

@@ -61,12 +61,13 @@ class Fuser(nn.Module):
         word: torch.Tensor,
         image: torch.Tensor,
         timestep: torch.Tensor | None = None,
-        layer: int | None = None,
+        layer: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """word tokens [..., d] + their subjects' image embeddings [..., e] -> fused tokens [..., d].
 
         `timestep` [...] (one per token) is needed with timestep conditioning, `layer` (index among
-        the cross-attention layers) with layer conditioning.
+        the cross-attention layers, or a long tensor of them broadcasting over the tokens' leading
+        dims) with layer conditioning.
         """
         lead = word.shape[:-1]
         parts = [word, like(image, word).expand(*lead, -1)]

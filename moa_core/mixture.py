@@ -17,9 +17,10 @@ Cheaper modes skip work without changing what they keep:
   the prior exactly.
 - sparse (`Mixing.threshold` > 0): it runs only at the pixels whose w passes the threshold. Their
   queries are gathered (keys and values stay those of every pixel of the row), the result is
-  scattered back, and every other pixel keeps the prior exactly. A dropped pixel differs from the
-  dense output by w * |personal - prior| <= threshold * |personal - prior|: at most what lowering
-  the strength by `threshold` would change there.
+  scattered back, and every other pixel keeps the prior exactly. A dropped pixel differs from
+  the dense output by w * |personal - prior| <= threshold * |personal - prior|: at most what
+  lowering the strength by `threshold` would change there. (`Mixing.gather` False: the same
+  mixture with w zeroed in place, for devices where the gather costs more than it saves.)
 """
 
 import enum
@@ -50,7 +51,12 @@ class Mixing:
 
     strength: float = 1.0  # scales r1
     router_mode: RouterMode = RouterMode.LEARNED
-    threshold: float = 0.0  # > 0: the personal expert skips pixels with w <= threshold (exact prior)
+    threshold: float = 0.0  # > 0: pixels with w <= threshold keep the prior exactly
+    gather: bool = True
+    """How a threshold saves work: True gathers the passing queries, so the personal expert runs on
+    those alone (one host sync per layer sizes the gather); False zeroes w below the threshold and
+    runs it everywhere, with no sync and fewer operations: faster where launching work costs more
+    than doing it (a GPU at SD1.5 sizes). Both give the same mixture."""
 
 
 DENSE = Mixing()
@@ -65,9 +71,10 @@ class PriorProjections:
     k: Projection
     v: Projection
     out: Projection
-    linear_qkv: bool = False
-    """q, k and v are bias-free linear maps (the host says so): then q(I) is the transposed
-    weight, and the personal projection can be one matmul with weight + delta."""
+    merge_qkv: bool = False
+    """q, k and v are bias-free linear maps (the host says so), so q(I) is the transposed weight
+    and the personal projection can be one matmul with weight + delta: it saves a matmul over
+    every row for a few more operations, which pays where matmuls dominate (the CPU)."""
 
 
 def personal_attention(
@@ -83,7 +90,7 @@ def personal_attention(
 
     For self-attention context and value are every pixel of the row, whichever pixels x holds.
     `on_qk` sees the personal queries and keys (training reads the subject tokens' attention)."""
-    merge = prior.linear_qkv
+    merge = prior.merge_qkv
     q = project(prior.q, layer.delta_q, x, merge)
     k = project(prior.k, layer.delta_k, context, merge)
     if on_qk is not None:
@@ -232,7 +239,9 @@ def moa_attention(
         return prior_out, r1
     w = personal_share(r1, mixing.strength, region)
     pixels = None
-    if mixing.threshold > 0.0:
+    if mixing.threshold > 0.0 and not mixing.gather:
+        w = torch.where(w > mixing.threshold, w, 0.0)
+    elif mixing.threshold > 0.0:
         live, pixels, w = kept_pixels(w, mixing.threshold)
         if live is not None:
             if live.numel() == 0:

@@ -102,19 +102,30 @@ def subject_tokens(
     return SubjectTokens(batch_rows, tokens, owners, images, steps, context_length)
 
 
-def personal_context(context: torch.Tensor, tokens: SubjectTokens, fuser: Fuser, layer: int | None) -> torch.Tensor:
-    """The cross-attention context of the personal expert: context [b, t, d] with every subject
-    token fused with its subject's image embedding (`layer` feeds the fuser's conditioning)."""
+def fuse_subjects(context: torch.Tensor, tokens: SubjectTokens, fuser: Fuser) -> torch.Tensor:
+    """The subject tokens of context [b, t, d], each fused with its subject's image embedding, for
+    every cross-attention layer: [layers, k, d] in one fuser call (a model call's layers share
+    their words and timesteps, only the layer embedding differs), [1, k, d] for a fuser that is
+    not layer-conditioned."""
     if context.shape[1] != tokens.context_length:
         raise ConditioningError(
             f"a cross-attention context of {context.shape[1]} tokens reached MoA, which bound its subjects to "
             f"{tokens.context_length}; another node changes the text context after MoAApply"
         )
+    words = context[tokens.rows, tokens.tokens]
+    if not len(words):  # no cond rows, or no subject in the prompt
+        return words[None]
+    layers = fuser.config.num_layers if fuser.config.layer_conditioning else 1
+    index = torch.arange(layers, device=context.device)[:, None]
+    return fuser(words.expand(layers, -1, -1), tokens.images, tokens.timestep, index)
+
+
+def personal_context(context: torch.Tensor, tokens: SubjectTokens, fused: torch.Tensor, layer: int) -> torch.Tensor:
+    """The cross-attention context of the personal expert at cross-attention layer `layer`:
+    context [b, t, d] with its subject tokens replaced by their fuse_subjects output `fused`."""
     if tokens.rows.numel() == 0:
         return context
-    words = context[tokens.rows, tokens.tokens]
-    fused = fuser(words, tokens.images, tokens.timestep, layer)
-    return context.index_put((tokens.rows, tokens.tokens), fused)
+    return context.index_put((tokens.rows, tokens.tokens), fused[layer if len(fused) > 1 else 0])
 
 
 def subject_attention(q: torch.Tensor, k: torch.Tensor, heads: int, tokens: SubjectTokens) -> torch.Tensor:

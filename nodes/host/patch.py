@@ -14,6 +14,8 @@ personal_rows="cond" (uncond rows keep the prior), sparse_threshold (the persona
 only where w = r1 * strength * region passes it; the default), region (a mask scaling w). Layers
 whose deltas are zero skip the personal expert (it is the prior there), and where ComfyUI's
 attention builds the whole score matrix the personal expert runs fused SDPA (_MATERIALISING).
+On a GPU, where Python launching work is the bottleneck at SD1.5 sizes, the same mixture takes
+fewer operations (_compute_bound), and each model call runs the fuser once for all layers.
 """
 
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import WrappersMP
 
 from ...moa_core import (
+    Fuser,
     MoAError,
     MoAWeights,
     PersonalPrompt,
@@ -34,6 +37,7 @@ from ...moa_core import (
     RouterRecord,
     SubjectTokens,
     TrainingProbe,
+    fuse_subjects,
     moa_attention,
     personal_context,
     subject_attention,
@@ -93,9 +97,8 @@ class MoAOptions:
         if self.region is not None:
             object.__setattr__(self, "region", check_region(self.region, "region"))
 
-    @property
-    def mixing(self) -> Mixing:
-        return Mixing(self.strength, self.router_mode, self.sparse_threshold)
+    def mixing(self, gather: bool) -> Mixing:
+        return Mixing(self.strength, self.router_mode, self.sparse_threshold, gather)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,15 @@ class MoAStep:
     tokens: SubjectTokens  # the subject tokens of the cond rows
     step: int | None  # sampling step, when recording
     regions: dict[int, torch.Tensor] | None  # pixel count of a level -> region [n, 1] there
+    fused: dict = field(default_factory=dict, compare=False, repr=False)
+    """id(context) -> (context, its fuse_subjects): filled by the first cross-attention layer
+    that reads a context; the others (usually every one) reuse it."""
+
+    def fused_subjects(self, context: torch.Tensor, fuser: Fuser) -> torch.Tensor:
+        hit = self.fused.get(id(context))
+        if hit is None or hit[0] is not context:
+            hit = self.fused[id(context)] = (context, fuse_subjects(context, self.tokens, fuser))
+        return hit[1]
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,8 @@ class MoAOutputPatch(_Shared):
         heads = extra_options["n_heads"]
         same_as_prior = layer_index in rt.same_as_prior
         if self.cross:
-            fused = personal_context(context, step.tokens, rt.weights.fuser, rt.weights.cross_index[layer_index])
+            words = step.fused_subjects(context, rt.weights.fuser)
+            fused = personal_context(context, step.tokens, words, rt.weights.cross_index[layer_index])
             same_as_prior = same_as_prior and torch.equal(fused, context)
             value = fused if value is context else value
             context = fused
@@ -308,6 +321,7 @@ def apply_moa(
     if record is not None and record.layer_paths != tuple(weights.paths):
         raise ValueError("the router record was made for other MoA weights")
     modules = attention_modules(model.model.diffusion_model)
+    compute_bound = _compute_bound(model.load_device)
     attn1, attn2 = {}, {}
     for i, spec in enumerate(weights.config.layers):
         (attn2 if spec.is_cross else attn1)[spec.block] = i
@@ -315,12 +329,12 @@ def apply_moa(
     runtime = MoARuntime(
         weights=weights,
         weights_patcher=weights_patcher,
-        prior=tuple(_projections(modules[path]) for path in weights.paths),
+        prior=tuple(_projections(modules[path], compute_bound) for path in weights.paths),
         attn1_layers=attn1,
         attn2_layers=attn2,
         prompt=prompt,
         options=options,
-        mixing=options.mixing,
+        mixing=options.mixing(gather=compute_bound),
         training_mixing=Mixing(options.strength, options.router_mode),
         sigma_start=sampling.percent_to_sigma(options.start_percent),
         sigma_end=sampling.percent_to_sigma(options.end_percent),
@@ -341,6 +355,14 @@ def apply_moa(
     return patched
 
 
+def _compute_bound(device: torch.device) -> bool:
+    """Whether MoA's extra matmuls cost more on `device` than launching its extra operations: true
+    of the CPU, where sparse pixels are gathered (Mixing.gather) and the personal q/k/v weights
+    merged (PriorProjections.merge_qkv). A GPU at SD1.5 sizes waits on Python to launch work (the
+    benchmark: base step 29 ms on an H100 at 256 and at 512 px), so there fewer operations win."""
+    return device.type == "cpu"
+
+
 _PLAIN_LINEAR = tuple(
     cls for cls in (torch.nn.Linear, getattr(comfy.ops.disable_weight_init, "Linear", None),
                     getattr(comfy.ops.manual_cast, "Linear", None)) if cls is not None
@@ -349,7 +371,7 @@ _PLAIN_LINEAR = tuple(
 also quantise their input are not, and keep the two-call personal projection."""
 
 
-def _projections(attn) -> PriorProjections:
+def _projections(attn, merge: bool) -> PriorProjections:
     qkv = (attn.to_q, attn.to_k, attn.to_v)
     linear = all(type(m) in _PLAIN_LINEAR and m.bias is None for m in qkv)
-    return PriorProjections(attn.to_q, attn.to_k, attn.to_v, attn.to_out, linear)
+    return PriorProjections(attn.to_q, attn.to_k, attn.to_v, attn.to_out, merge and linear)

@@ -139,6 +139,36 @@ def test_fused_personal_attention_matches_the_host_kernel_and_moa_init_stays_exa
     assert torch.equal(sample(untrained, *conds), base)
 
 
+def test_the_gpu_strategy_gives_the_cpu_strategys_mixture(base_model, conds, apply, trained, monkeypatch):
+    """Where launching work costs more than doing it, the threshold zeroes w in place and q/k/v are
+    not merged: fewer operations, the same result (here forced on the CPU)."""
+    from comfyui_moa.nodes.host import patch
+
+    def runtime(model):
+        return model.model_options["transformer_options"]["patches"]["attn1_output_patch"][0].runtime
+
+    assert patch._compute_bound(torch.device("cpu")) and not patch._compute_bound(torch.device("cuda", 0))
+    region = centred_square(64)
+    cpu = apply(trained, region=region)
+    assert runtime(cpu).mixing.gather and all(p.merge_qkv for p in runtime(cpu).prior)
+    monkeypatch.setattr(patch, "_compute_bound", lambda device: False)
+    gpu = apply(trained, region=region)
+    assert not runtime(gpu).mixing.gather and not any(p.merge_qkv for p in runtime(gpu).prior)
+    base, cpu_out, gpu_out = sample(base_model, *conds), sample(cpu, *conds), sample(gpu, *conds)
+    torch.testing.assert_close(gpu_out, cpu_out, rtol=1e-5, atol=1e-4)
+    assert (cpu_out - base).abs().max() > 1e-2
+
+
+def test_the_fuser_runs_once_per_model_call_for_every_cross_attention_layer(conds, apply, trained):
+    calls = []
+    handle = trained.fuser.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    try:
+        sample(apply(trained), *conds, steps=2)
+    finally:
+        handle.remove()
+    assert calls == [len(trained.config.cross_layers)] * 2  # two steps, each one model call (cond + uncond)
+
+
 def test_zero_deltas_skip_the_personal_expert_unless_the_weights_are_being_trained(base_model, conds, apply):
     from comfyui_moa.moa_core import RouterMode
     from moa_testing.tiny import moa_weights_for

@@ -194,12 +194,13 @@ def dense_and_personal(prior_out, args):
     return dense, r1, personal_attention(*args)
 
 
+@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("cross", [True, False])
-def test_sparse_keeps_dense_values_where_w_passes_and_the_prior_exactly_elsewhere(attention, perturb, cross):
+def test_sparse_keeps_dense_values_where_w_passes_and_the_prior_exactly_elsewhere(attention, perturb, cross, gather):
     prior_out, args = layer_case(perturb, attention, cross)
     dense, r1, _ = dense_and_personal(prior_out, args)
     threshold = float(r1.median())
-    sparse, sparse_r1 = moa_attention(prior_out, *args, Mixing(threshold=threshold))
+    sparse, sparse_r1 = moa_attention(prior_out, *args, Mixing(threshold=threshold, gather=gather))
     kept = (r1 > threshold).expand_as(prior_out)
     assert 0 < kept.float().mean() < 1
     assert torch.equal(sparse_r1, r1)  # r1 is reported for every pixel
@@ -207,12 +208,13 @@ def test_sparse_keeps_dense_values_where_w_passes_and_the_prior_exactly_elsewher
     assert torch.equal(sparse[~kept], prior_out[~kept])
 
 
+@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("cross", [True, False])
-def test_sparse_moves_a_dropped_pixel_at_most_threshold_times_the_expert_difference(attention, perturb, cross):
+def test_sparse_moves_a_dropped_pixel_at_most_threshold_times_the_expert_difference(attention, perturb, cross, gather):
     prior_out, args = layer_case(perturb, attention, cross, seed=5)
     dense, r1, personal = dense_and_personal(prior_out, args)
     threshold = float(r1.quantile(0.3))
-    sparse, _ = moa_attention(prior_out, *args, Mixing(threshold=threshold))
+    sparse, _ = moa_attention(prior_out, *args, Mixing(threshold=threshold, gather=gather))
     bound = threshold * (personal - prior_out).abs()
     assert ((sparse - dense).abs() <= bound + 1e-6).all()
 
@@ -268,11 +270,26 @@ def test_sparse_runs_the_expert_on_the_kept_queries_only(attention, perturb, kep
     assert torch.equal(out[:, region[:, 0] == 0], prior_out[:, region[:, 0] == 0])
 
 
-def test_pixels_kept_in_one_row_only_keep_the_prior_in_the_others(attention, perturb):
+def test_sparse_without_gather_runs_the_expert_on_every_query_and_mixes_alike(attention, perturb):
+    """The in-place variant (Mixing.gather False, what a GPU runs): no gather, the same mixture."""
+    prior_out, (x, context, value, prior, layer, attn) = layer_case(perturb, attention, cross=False)
+    region = torch.zeros(N_BIG, 1)
+    region[2:20] = 1.0
+    counted, calls = counting(attn)
+    args = (x, context, value, prior, layer, counted)
+    in_place, _ = moa_attention(prior_out, *args, Mixing(threshold=1e-6, gather=False), region=region)
+    gathered, _ = moa_attention(prior_out, *args, Mixing(threshold=1e-6), region=region)
+    assert [q[1] for q in calls] == [N_BIG, 18]
+    torch.testing.assert_close(in_place, gathered, **TOL)
+    assert torch.equal(in_place[:, region[:, 0] == 0], prior_out[:, region[:, 0] == 0])
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_pixels_kept_in_one_row_only_keep_the_prior_in_the_others(attention, perturb, gather):
     prior_out, args = layer_case(perturb, attention, cross=True)
     _, r1 = moa_attention(prior_out, *args)
     threshold = float(r1.median())
-    sparse, _ = moa_attention(prior_out, *args, Mixing(threshold=threshold))
+    sparse, _ = moa_attention(prior_out, *args, Mixing(threshold=threshold, gather=gather))
     mixed_rows = (r1 > threshold)[..., 0]
     union = mixed_rows.any(dim=0, keepdim=True).expand_as(mixed_rows)
     only_elsewhere = union & ~mixed_rows

@@ -4,7 +4,13 @@ from einops import rearrange
 
 from comfyui_moa.moa_core.errors import ConditioningError
 from comfyui_moa.moa_core.fuser import Fuser, FuserConfig
-from comfyui_moa.moa_core.prompt import PersonalPrompt, personal_context, subject_attention, subject_tokens
+from comfyui_moa.moa_core.prompt import (
+    PersonalPrompt,
+    fuse_subjects,
+    personal_context,
+    subject_attention,
+    subject_tokens,
+)
 
 L, D, E = 6, 4, 5  # prompt tokens, text width, image width
 TOL = {"rtol": 1e-6, "atol": 1e-6}
@@ -26,7 +32,8 @@ def context(batch: int = 3, tokens: int = L, seed: int = 1) -> torch.Tensor:
 
 
 def fused(prompt, ctx, fuser, layer=1, rows=ROWS):
-    return personal_context(ctx, subject_tokens(prompt, rows, ctx.shape[1], TIMESTEPS, CPU), fuser, layer)
+    tokens = subject_tokens(prompt, rows, ctx.shape[1], TIMESTEPS, CPU)
+    return personal_context(ctx, tokens, fuse_subjects(ctx, tokens, fuser), layer)
 
 
 @pytest.fixture
@@ -85,6 +92,20 @@ def test_personal_context_fuses_every_copy_of_a_repeated_prompt(fuser):
     torch.testing.assert_close(out[:, :L], fused(prompt, once, fuser), **TOL)
 
 
+@pytest.mark.parametrize("layer_conditioning", [True, False])
+def test_one_fuser_call_for_every_layer_matches_a_call_per_layer(perturb, layer_conditioning):
+    fuser = perturb(Fuser(FuserConfig(D, E, 8, True, layer_conditioning, 3, 4)), seed=3, std=0.5)
+    ctx = context()
+    tokens = subject_tokens(single([1, 4], [0, 1]), ROWS, L, TIMESTEPS, CPU)
+    words = ctx[tokens.rows, tokens.tokens]
+    every_layer = fuse_subjects(ctx, tokens, fuser)
+    assert every_layer.shape == (3 if layer_conditioning else 1, 4, D)
+    for layer in range(3):
+        expected = fuser(words, tokens.images, tokens.timestep, layer)
+        out = personal_context(ctx, tokens, every_layer, layer)[tokens.rows, tokens.tokens]
+        torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_context_of_a_length_that_is_no_multiple_of_the_prompt_raises():
     with pytest.raises(ConditioningError, match="MoAApply"):
         subject_tokens(single([1], [0]), ROWS, L + 1, TIMESTEPS, CPU)
@@ -93,7 +114,7 @@ def test_context_of_a_length_that_is_no_multiple_of_the_prompt_raises():
 def test_a_context_changed_after_planning_raises(fuser):
     tokens = subject_tokens(single([1], [0]), ROWS, L, TIMESTEPS, CPU)
     with pytest.raises(ConditioningError, match="another node changes the text context"):
-        personal_context(context(tokens=2 * L), tokens, fuser, 0)
+        fuse_subjects(context(tokens=2 * L), tokens, fuser)
 
 
 def test_each_subject_gets_its_own_image_embedding(fuser):
