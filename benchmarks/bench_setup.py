@@ -93,7 +93,7 @@ def random_moa(model, rank: int = 0, seed: int = 1):
         # scale fc1 to gamma and cancel beta, which every pixel shares, so r1 varies across pixels
         block, attn = spec.path.rsplit(".", 1)
         norm = unet.get_submodule(f"{block}.{'norm1' if attn == 'attn1' else 'norm2'}")
-        fc1, gamma, beta = layer.router.fc1, norm.weight.detach().float(), norm.bias.detach().float()
+        fc1, gamma, beta = layer.router.fc1, norm.weight.detach().float().cpu(), norm.bias.detach().float().cpu()
         fill_(fc1, seed + 1 + i, std=1.0 / (float(gamma.pow(2).mean().sqrt()) * fc1.in_features**0.5))
         with torch.no_grad():
             fc1.bias.copy_(-(fc1.weight @ beta))
