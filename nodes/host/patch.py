@@ -57,9 +57,10 @@ PERSONAL_ROWS = ("all", "cond")
 DEFAULT_SPARSE_THRESHOLD = 0.01
 """Pixels whose personal weight w = r1 * strength * region is at most this keep the prior without
 running the personal expert. Per layer such a pixel moves by at most 1 % of |personal - prior|
-from the dense output. Bound for the default: the sampled latent stays within 5 % (max-norm) of
-the dense-vs-base difference, what one step (0.05) of the strength slider changes; measured
-0.0003 at 512 px (benchmarks/bench_sampling.py), while 0.05 here gives 0.11 and misses it."""
+from the dense output. Bound for the default: the sampled latent moves from dense MoA's by less
+than one step (0.05) of the strength slider moves it, relative to dense-vs-base. Measured at
+512 px (benchmarks/bench_sampling.py): 0.0003 against 0.049 on the CPU (fp32), 0.054 against
+0.082 on an H100 (fp16); a threshold of 0.05 gives 0.11 and misses it."""
 _MATERIALISING = tuple(
     getattr(host_attention, name) for name in ("attention_sub_quad", "attention_split", "attention_basic")
     if hasattr(host_attention, name)
@@ -217,8 +218,8 @@ class MoAOutputPatch(_Shared):
         heads = extra_options["n_heads"]
         same_as_prior = layer_index in rt.same_as_prior
         if self.cross:
-            words = step.fused_subjects(context, rt.weights.fuser)
-            fused = personal_context(context, step.tokens, words, rt.weights.cross_index[layer_index])
+            subjects = step.fused_subjects(context, rt.weights.fuser)
+            fused = personal_context(context, step.tokens, subjects, rt.weights.cross_index[layer_index])
             same_as_prior = same_as_prior and torch.equal(fused, context)
             value = fused if value is context else value
             context = fused
@@ -359,7 +360,8 @@ def _compute_bound(device: torch.device) -> bool:
     """Whether MoA's extra matmuls cost more on `device` than launching its extra operations: true
     of the CPU, where sparse pixels are gathered (Mixing.gather) and the personal q/k/v weights
     merged (PriorProjections.merge_qkv). A GPU at SD1.5 sizes waits on Python to launch work (the
-    benchmark: base step 29 ms on an H100 at 256 and at 512 px), so there fewer operations win."""
+    benchmark: an H100's base step takes 29-40 ms at 256 and at 512 px alike), so there fewer
+    operations win."""
     return device.type == "cpu"
 
 
