@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,13 @@ def test_user_errors_are_value_errors_under_one_base():
     for error in (WeightsFormatError, WeightsMismatchError, ConditioningError):
         assert issubclass(error, MoAError)
     assert issubclass(MoAError, ValueError)
+
+
+def test_the_top_level_init_imports_alone_as_pytest_imports_it_from_a_folder_named_comfyui_moa():
+    """pytest imports a rootdir's __init__.py without its package when the folder's name is no
+    Python name ("ComfyUI-MoA", the name users clone to): that must not fail every test."""
+    spec = importlib.util.spec_from_file_location("__init__", REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.WEB_DIRECTORY == "./web"
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # ComfyUI's import, as a package, registers the nodes
