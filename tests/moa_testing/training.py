@@ -1,7 +1,7 @@
 """The trainer's proof setup: tiny host models that can learn, and the run settings that go with them.
 
-Shared by tests/train and the torchrun worker script (tests/train/ddp_worker.py), which must build
-the very same models in each process.
+Shared by tests/train, the torchrun worker script (tests/train/ddp_worker.py), which must build
+the very same models in each process, and tests/train/proof_on_device.py.
 """
 
 from pathlib import Path
@@ -84,3 +84,36 @@ def write_toml(path: Path, settings: dict) -> Path:
         lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+HELD_OUT_TIMESTEPS = (50, 250)
+
+
+def proof_run(config, models, held_out: Path, device: torch.device | None = None) -> tuple[dict, Any, float, dict]:
+    """(held-out metrics of the untrained weights, moa_train's RunResult, seconds, held-out
+    metrics of the trained weights): `config`'s run on `models`, evaluated on `held_out`."""
+    import time
+
+    from comfyui_moa.moa_core import load_weights
+    from moa_train.evaluate import evaluate
+    from moa_train.models import build_weights
+    from moa_train.run import run
+
+    before = evaluate(config, models, build_weights(config, models), held_out, HELD_OUT_TIMESTEPS, device)
+    began = time.perf_counter()
+    result = run(config, models)
+    seconds = time.perf_counter() - began
+    after = evaluate(config, models, load_weights(result.weights_path), held_out, HELD_OUT_TIMESTEPS, device)
+    return before, result, seconds, after
+
+
+def mask_learning_failures(held_out: dict) -> list[str]:
+    """Where the trained routers did not learn the masks, per held-out timestep: the prior must
+    take over 0.9 of the background, and at least 0.1 less of the subjects."""
+    failures = []
+    for t, m in held_out.items():
+        if not m["prior_background"] > 0.9:
+            failures.append(f"{t}: prior weight on background {m['prior_background']:.3f} <= 0.9")
+        if not m["prior_subject"] < m["prior_background"] - 0.1:
+            failures.append(f"{t}: prior weight on subjects {m['prior_subject']:.3f} not 0.1 below background")
+    return failures

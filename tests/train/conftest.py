@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from moa_testing.synthetic import write_dataset
-from moa_testing.training import host_tensors, proof_models, proof_settings
+from moa_testing.training import host_tensors, proof_models, proof_run, proof_settings
 
-HELD_OUT_TIMESTEPS = (50, 250)
 logger = logging.getLogger(__name__)
 
 
@@ -59,24 +58,14 @@ class Proof:
 @pytest.fixture(scope="session")
 def proof(models, data_dirs, tmp_path_factory: pytest.TempPathFactory) -> Proof:
     """The proof run: 120 steps on the synthetic data, evaluated on held-out samples before and after."""
-    import time
-
-    from comfyui_moa.moa_core import load_weights
     from moa_train.config import TrainConfig
-    from moa_train.evaluate import evaluate
-    from moa_train.models import build_weights
-    from moa_train.run import run
 
     train, held_out = data_dirs
     output = tmp_path_factory.mktemp("proof")
     config = TrainConfig.from_dict(proof_settings(train, output, run={"preview_every": 120, "preview_steps": 3}))
     with single_thread():
         host_before = host_tensors(models)
-        before = evaluate(config, models, build_weights(config, models), held_out, HELD_OUT_TIMESTEPS)
-        began = time.perf_counter()
-        result = run(config, models)
-        seconds = time.perf_counter() - began
-        after = evaluate(config, models, load_weights(result.weights_path), held_out, HELD_OUT_TIMESTEPS)
+        before, result, seconds, after = proof_run(config, models, held_out)
     logger.info(
         "proof run: %d steps in %.1f s (%.2f steps/s in steps); held out before %s; after %s",
         config.run.steps, seconds, config.run.steps / result.train_seconds, before, after,
