@@ -17,6 +17,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image, UnidentifiedImageError
 
 from comfyui_moa.moa_core.errors import DataError
+from comfyui_moa.moa_core.subject import mask_box, pad_square
 
 BILINEAR = T.InterpolationMode.BILINEAR
 NEAREST = T.InterpolationMode.NEAREST
@@ -84,8 +85,7 @@ def fit_square(image: torch.Tensor, masks: torch.Tensor, size: int, flip: bool) 
 def subject_crop(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The subject alone: image uint8 [3, H, W], mask bool [H, W] -> uint8 [3, h, w], the pixels
     outside the mask replaced by uniform noise, cropped to the mask's bounding box."""
-    rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
-    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    top, bottom, left, right = mask_box(mask)
     noise = torch.randint(0, 256, image.shape, dtype=torch.uint8)
     return torch.where(mask, image, noise)[:, top:bottom, left:right]
 
@@ -96,13 +96,6 @@ def _zoom_in(crop: torch.Tensor) -> torch.Tensor:
     h, w = crop.shape[-2:]
     crop = T.functional.resize(crop, [int(zoom * h), int(zoom * w)], interpolation=BILINEAR, antialias=True)
     return crop[:, : crop.shape[-1]] if crop.shape[-2] > crop.shape[-1] else crop
-
-
-def _pad_square(crop: torch.Tensor) -> torch.Tensor:
-    h, w = crop.shape[-2:]
-    if h > w:
-        return F.pad(crop, ((h - w) // 2, h - w - (h - w) // 2))
-    return F.pad(crop, (0, 0, (w - h) // 2, w - h - (w - h) // 2))
 
 
 _AUGMENT = T.Compose(
@@ -124,7 +117,7 @@ def subject_image(crop: torch.Tensor, size: int, augment: bool) -> torch.Tensor:
     generator: call it inside `seeded`."""
     if augment and float(torch.rand(())) < 0.5:
         crop = _zoom_in(crop)
-    crop = T.functional.resize(_pad_square(crop), [size, size], interpolation=BILINEAR, antialias=True)
+    crop = T.functional.resize(pad_square(crop), [size, size], interpolation=BILINEAR, antialias=True)
     if augment:
         crop = _AUGMENT(crop)
     return crop.float() / 255.0

@@ -6,7 +6,7 @@ import torch
 from ..moa_core import MoAError
 from ..moa_core.subject import blank_background, blend_subjects, to_rgb
 from .host.face import align_face, detect_faces
-from .host.vision import center_square, encode_subject
+from .host.vision import center_square, encode_subject, masked_squares
 from .types import INSIGHTFACE, MOA_SUBJECTS
 
 LARGEST, EVERY = "largest face", "every face, left to right"
@@ -51,9 +51,18 @@ class MoASubject:
             "optional": {
                 "face_analysis": (
                     INSIGHTFACE,
-                    {"tooltip": "Finds and aligns faces; without it the centre square of each image is encoded."},
+                    {
+                        "tooltip": "Finds and aligns faces; without it each image's centre square (or, with a mask, "
+                        "the masked subject) is encoded."
+                    },
                 ),
-                "mask": ("MASK", {"tooltip": "White where the subject is: the rest is blanked before encoding."}),
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "White where the subject is: the rest is blanked and, without face analysis, the "
+                        "image cut to the subject and padded square, as the weights were trained."
+                    },
+                ),
                 "subjects": (MOA_SUBJECTS, {"tooltip": "Subjects from another MoA Subject: the new ones follow them."}),
             },
         }
@@ -61,13 +70,17 @@ class MoASubject:
     @classmethod
     def encode(cls, image, clip_vision, faces, margin, face_analysis=None, mask=None, subjects=()):
         images = to_rgb(image, "MoASubject.image")
-        if mask is not None:
-            images = blank_background(images, mask)
+        if mask is not None and mask.ndim == 3 and mask.shape[0] not in (1, images.shape[0]):
+            raise MoAError(
+                f"MoASubject.mask: {mask.shape[0]} masks for {images.shape[0]} images; give one mask, or one per image"
+            )
         if face_analysis is None:
             if faces == EVERY:
                 raise MoAError("MoASubject.faces: 'every face' needs face_analysis; connect MoA InsightFace Loader")
-            crops = [center_square(images)]
+            crops = [center_square(images) if mask is None else masked_squares(images, mask, "MoASubject.mask")]
         else:
+            if mask is not None:
+                images = blank_background(images, mask)
             crops = cls._face_crops(images, face_analysis, faces, margin)
         progress = comfy.utils.ProgressBar(len(crops))
         new = []

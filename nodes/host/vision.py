@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ...moa_core import MoAError
-from ...moa_core.subject import Subject
+from ...moa_core.subject import Subject, masked_subjects
 
 CROP_SIZE = 224
 
@@ -13,8 +13,18 @@ def center_square(images: torch.Tensor, size: int = CROP_SIZE) -> torch.Tensor:
     """images [b, H, W, 3] -> [b, size, size, 3]: the centred square, resized."""
     side = min(images.shape[1:3])
     top, left = (images.shape[1] - side) // 2, (images.shape[2] - side) // 2
-    square = images[:, top : top + side, left : left + side].movedim(-1, 1)
-    return F.interpolate(square, size=(size, size), mode="bicubic", antialias=True).movedim(1, -1).clamp(0, 1)
+    return _resized(images[:, top : top + side, left : left + side].movedim(-1, 1), size)
+
+
+def masked_squares(images: torch.Tensor, mask: torch.Tensor, input_name: str, size: int = CROP_SIZE) -> torch.Tensor:
+    """images [b, H, W, 3] and their MASK -> [b, size, size, 3]: each subject cut out as training
+    cuts them (moa_core.subject.masked_subjects), resized."""
+    return torch.cat([_resized(square[None], size) for square in masked_subjects(images, mask, input_name)])
+
+
+def _resized(squares: torch.Tensor, size: int) -> torch.Tensor:
+    """[b, 3, s, s] -> [b, size, size, 3]"""
+    return F.interpolate(squares, size=(size, size), mode="bicubic", antialias=True).movedim(1, -1).clamp(0, 1)
 
 
 def encode_subject(clip_vision, crops: torch.Tensor, input_name: str) -> Subject:

@@ -99,11 +99,22 @@ def test_subject_images_of_any_size_and_channel_count_encode(clip_vision):
     torch.testing.assert_close(batch.embedding, same.float(), atol=1e-6, rtol=0)
 
 
-def test_a_mask_blanks_the_background_before_encoding(clip_vision):
-    image = photo(1)
+def test_a_mask_cuts_the_subject_out_as_training_does(clip_vision):
+    image, mask = photo(1), torch.zeros(96, 80)
+    mask[10:70, 30:50] = 1.0  # 60 high, 20 wide
     (plain,), _ = NODES["MoASubject"].encode(image, clip_vision, "largest face", 0.3)
-    (masked,), _ = NODES["MoASubject"].encode(image, clip_vision, "largest face", 0.3, mask=torch.zeros(96, 80))
+    (masked,), crops = NODES["MoASubject"].encode(image, clip_vision, "largest face", 0.3, mask=mask)
     assert not torch.allclose(plain.embedding, masked.embedding)
+    # padded square: black bars of a third of the width on either side, the subject between
+    assert crops.shape == (1, 224, 224, 3)
+    assert crops[0, :, :70].max() < 0.02 and crops[0, :, -70:].max() < 0.02
+    assert 0.4 < float(crops[0, :, 80:144].mean()) < 0.6  # the random photo, not black
+    with pytest.raises(MoAError, match="MoASubject.mask: the mask is empty"):
+        NODES["MoASubject"].encode(image, clip_vision, "largest face", 0.3, mask=torch.zeros(96, 80))
+    with pytest.raises(MoAError, match="MoASubject.mask: 2 masks for 3 images"):
+        NODES["MoASubject"].encode(
+            photo(2).expand(3, -1, -1, -1), clip_vision, "largest face", 0.3, mask=torch.ones(2, 96, 80)
+        )
 
 
 def test_subject_blend_moves_linearly_from_a_to_b(clip_vision):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from comfyui_moa.moa_core.errors import MoAError
-from comfyui_moa.moa_core.subject import Subject, blank_background, blend_subjects, to_rgb
+from comfyui_moa.moa_core.subject import Subject, blank_background, blend_subjects, masked_subjects, to_rgb
 
 
 def subject(seed: int, dim: int = 8) -> Subject:
@@ -32,6 +32,26 @@ def test_blank_background_keeps_the_subject_and_replaces_the_rest():
     assert torch.equal(out[:, :3], image[:, :3])
     assert not torch.equal(out[:, 5:], image[:, 5:])
     assert torch.equal(out, blank_background(image, mask))  # the noise is seeded: runs repeat
+
+
+def test_a_masked_subject_is_cut_to_its_box_and_padded_square_like_a_training_crop():
+    image = torch.rand(2, 20, 16, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 20, 16)
+    mask[0, 4:12, 5:9] = 1.0  # 8 high, 4 wide: black bars of 2 on either side
+    mask[1, 10:13, 2:14] = 1.0  # 3 high, 12 wide: bars above (4) and below (5)
+    tall, wide = masked_subjects(image, mask, "node.mask")
+    assert tall.shape == (3, 8, 8) and wide.shape == (3, 12, 12)
+    assert torch.equal(tall[:, :, 2:6], image[0, 4:12, 5:9].movedim(-1, 0))
+    assert not tall[:, :, :2].any() and not tall[:, :, 6:].any()
+    assert torch.equal(wide[:, 4:7], image[1, 10:13, 2:14].movedim(-1, 0))
+    assert not wide[:, :4].any() and not wide[:, 7:].any()
+
+
+def test_an_empty_mask_is_refused_by_name():
+    mask = torch.ones(2, 8, 8)
+    mask[1] = 0.0
+    with pytest.raises(MoAError, match="node.mask: the mask is empty for image 2; paint the subject white"):
+        masked_subjects(torch.rand(2, 8, 8, 3), mask, "node.mask")
 
 
 def test_blend_is_linear_between_the_subjects():
