@@ -5,7 +5,8 @@ times sampling through `comfy.sample.sample` (euler, CFG 7): each step is one mo
 of 2, cond + uncond, exactly as ComfyUI's sampler batches them. The base model and every MoA mode
 (through the pack's real patch, `apply_moa`) take turns in a rotating order over rounds; the table
 gives medians and MoA/base ratios. Every MoA mode sees a subject region (a centred square covering
-`--subject-area` of the image), which stands in for a trained router localising a subject.
+`--subject-area` of the image, `--background` elsewhere: 0 by default), which stands in for a trained
+router localising a subject.
 Also timed: loading the MoA weights file, and encoding a subject (ComfyUI's CLIP-vision ViT-L/14 on
 one 224 px image, plus the fuser of every cross-attention layer).
 
@@ -353,6 +354,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--attention", default="default", choices=["default", "pytorch", "sub_quad", "split"])
     parser.add_argument("--subject-area", type=float, default=0.25, help="region: centred square of this area")
+    parser.add_argument(
+        "--background", type=float, default=0.0,
+        help="region off the subject: 0 (the default) leaves it to the prior; e.g. 0.05 stands in for a router "
+        "that gives the background up to 5 %% instead of nothing",
+    )  # fmt: skip
     parser.add_argument("--model", default="sd15", choices=["sd15", "tiny"], help="tiny: check the script")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per mode")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -368,7 +374,8 @@ def header(args, params: float) -> list[str]:
         f"- SD1.5-architecture UNet ({params:.1f} M parameters, random weights); one step = one model call on "
         f"cond + uncond (batch 2) via `comfy.sample.sample` (euler, CFG 7); {args.steps} step(s) per call, "
         f"{args.rounds} round(s), modes in rotating order, each timed next to a base call; subject region: "
-        f"centred square over {100 * args.subject_area:.0f} % of the image",
+        f"centred square over {100 * args.subject_area:.0f} % of the image"
+        + (f", {args.background:g} elsewhere" if args.background else ""),
         "- MoA/base: ratio of the medians; paired: median over rounds of (mode / the base call beside it); "
         "fastest: ratio of the fastest calls (interference from other work only ever adds time, so the fastest "
         "call is the least disturbed); kept: share of (row, pixel) queries the personal expert ran on; dev: "
@@ -406,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     positive, negative, prompt = bench_setup.conditioning()
     conds = (positive, negative)
     variants = build_variants(
-        base, list(modes.values()), bench_setup.centred_square(args.subject_area), prompt, args.seed
+        base,
+        list(modes.values()),
+        bench_setup.centred_square(args.subject_area, outside=args.background),
+        prompt,
+        args.seed,
     )
     # printed as it is measured: a run cut short by a time limit still leaves its finished sizes
     emit(header(args, sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e6))

@@ -122,13 +122,14 @@ def conditioning(seed: int = 3):
     return positive, negative, PersonalPrompt.single(77, [SUBJECT_TOKEN], [0], image)
 
 
-def centred_square(area: float, size: int = 512) -> torch.Tensor | None:
-    """A region [size, size]: 1 in a centred square covering `area` of the image (None for 1)."""
-    if area >= 1.0:
+def centred_square(area: float, size: int = 512, outside: float = 0.0) -> torch.Tensor | None:
+    """A region [size, size]: 1 in a centred square covering `area` of the image, `outside`
+    elsewhere (None for 1 everywhere)."""
+    if area >= 1.0 or outside >= 1.0:
         return None
     side = round(size * area**0.5)
     start = (size - side) // 2
-    region = torch.zeros(size, size)
+    region = torch.full((size, size), outside)
     region[start : start + side, start : start + side] = 1.0
     return region
 

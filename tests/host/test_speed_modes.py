@@ -243,3 +243,14 @@ def test_benchmark_prints_a_ratio_for_every_mode(bench, capsys):
             assert cells[7].strip().endswith("%"), name  # kept pixels
     assert float(rows["dense"][8]) == 0.0  # its own deviation
     assert "load_weights" in out and "subject encode" in out and "router maps" in out
+
+
+def test_the_benchmark_background_stands_in_for_a_less_decisive_router(bench, capsys):
+    kept = {}
+    for background in ("0", "0.05"):
+        argv = ["--model", "tiny", "--sizes", "64", "--rounds", "1", "--modes", "base,default"]
+        assert bench.main([*argv, "--background", background]) == 0
+        (row,) = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 | default")]
+        kept[background] = float(row[7].strip().removesuffix("%"))
+    # off the square w is 0 (the prior, skipped), or up to 0.05 and mostly above the 0.01 threshold
+    assert kept["0"] == pytest.approx(25.0, abs=0.5) and kept["0.05"] > 50.0
