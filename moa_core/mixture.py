@@ -62,19 +62,26 @@ class Mixing:
 DENSE = Mixing()
 
 
+WeightOf = Callable[[torch.Tensor], torch.Tensor | None]
+"""x -> the weight [o, i] a bias-free linear projection multiplies x by, or None where building it
+would cost more than calling the projection a second time."""
+
+
 @dataclass(frozen=True)
 class PriorProjections:
-    """The host attention's projections, as callables: called (never read) so LoRA, low-VRAM
-    casting and weight streaming apply to the personal expert exactly as to the prior."""
+    """The host attention's projections, as callables: called so LoRA, low-VRAM casting and weight
+    streaming apply to the personal expert exactly as to the prior."""
 
     q: Projection
     k: Projection
     v: Projection
     out: Projection
-    merge_qkv: bool = False
-    """q, k and v are bias-free linear maps (the host says so), so q(I) is the transposed weight
-    and the personal projection can be one matmul with weight + delta: it saves a matmul over
-    every row for a few more operations, which pays where matmuls dominate (the CPU)."""
+    q_weight: WeightOf | None = None
+    k_weight: WeightOf | None = None
+    v_weight: WeightOf | None = None
+    """Where given, the personal projection is one matmul with weight + delta instead of the
+    projection's call plus the delta's: it saves a pass over every row, which pays where matmuls
+    dominate (the CPU)."""
 
 
 def personal_attention(
@@ -90,34 +97,42 @@ def personal_attention(
 
     For self-attention context and value are every pixel of the row, whichever pixels x holds.
     `on_qk` sees the personal queries and keys (training reads the subject tokens' attention)."""
-    merge = prior.merge_qkv
-    q = project(prior.q, layer.delta_q, x, merge)
-    k = project(prior.k, layer.delta_k, context, merge)
+    q = project(prior.q, layer.delta_q, x, prior.q_weight)
+    k = project(prior.k, layer.delta_k, context, prior.k_weight)
     if on_qk is not None:
         on_qk(q, k)
-    v = project(prior.v, layer.delta_v, value, merge)
+    v = project(prior.v, layer.delta_v, value, prior.v_weight)
     a = attention(q, k, v)
     return plus_delta(prior.out(a), layer.delta_out, a)
 
 
-def project(proj: Projection, delta: Delta, x: torch.Tensor, linear: bool) -> torch.Tensor:
-    """proj(x) + delta(x) for x [..., i] -> [..., o].
-
-    With `linear` (proj is a bias-free linear map) and at least as many rows as features, one
-    matmul with the merged weight proj(I)^T + delta: the host's weight is never read, its module
-    is called (LoRA and casting apply), and building the weight costs one [i, i] call instead of
-    a second [rows, i] one. Zero deltas give proj(x)'s exact bits (the same matmul, measured).
-    """
-    features = x.shape[-1]
-    if not linear or x.numel() < features * features:
+def project(proj: Projection, delta: Delta, x: torch.Tensor, weight_of: WeightOf | None = None) -> torch.Tensor:
+    """proj(x) + delta(x) for x [..., i] -> [..., o]: one matmul with the merged weight where
+    `weight_of` gives proj's weight for x, else proj's call and the delta's matmul. Zero deltas give
+    proj(x)'s exact bits either way (the same matmul, measured)."""
+    weight = None if weight_of is None else weight_of(x)
+    if weight is None:
         return plus_delta(proj(x), delta, x)
-    eye = torch.eye(features, device=x.device, dtype=x.dtype)
     if delta.rank:
         matrix = like(delta.up, x) @ like(delta.down, x)
     else:
         matrix = like(delta.weight, x)
     # row-major [o, i] like the host's own weight, so F.linear picks the very same kernel
-    return F.linear(x, (proj(eye).t() + matrix).contiguous())
+    return F.linear(x, (weight + matrix).contiguous())
+
+
+def called_weight(proj: Projection) -> WeightOf:
+    """A bias-free linear projection's weight as proj(I)^T, built by calling it (LoRA and casting
+    apply, the weight is never read), where x has at least as many rows as features: one [i, i]
+    call then costs no more than the [rows, i] one it saves."""
+
+    def weight_of(x: torch.Tensor) -> torch.Tensor | None:
+        features = x.shape[-1]
+        if x.numel() < features * features:
+            return None
+        return proj(torch.eye(features, device=x.device, dtype=x.dtype)).t()
+
+    return weight_of
 
 
 def plus_delta(base: torch.Tensor, delta: Delta, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,10 @@ only where w = r1 * strength * region passes it; the default), region (a mask sc
 whose deltas are zero skip the personal expert (it is the prior there), and where ComfyUI's
 attention builds the whole score matrix the personal expert runs fused SDPA (_MATERIALISING).
 On a GPU, where Python launching work is the bottleneck at SD1.5 sizes, the same mixture takes
-fewer operations (_compute_bound), and each model call runs the fuser once for all layers.
+fewer operations (_compute_bound), and each model call runs the fuser once for all layers. On the
+CPU the personal q/k/v are one matmul each with the host's weight plus the delta: the weight is
+read only where the module's own forward would use that very tensor (_weight_of); every other
+host module, and every module on a GPU, where newer hosts stream weights at op time, is called.
 """
 
 from dataclasses import dataclass, field
@@ -45,7 +48,7 @@ from ...moa_core import (
 )
 from ...moa_core.errors import OptionsError
 from ...moa_core.helpers import seq_to_hw
-from ...moa_core.mixture import Mixing
+from ...moa_core.mixture import Mixing, WeightOf, called_weight
 from ...moa_core.region import check_region, region_at, region_levels
 from .unet_layers import attention_modules, check_weights_fit
 
@@ -359,7 +362,7 @@ def apply_moa(
 def _compute_bound(device: torch.device) -> bool:
     """Whether MoA's extra matmuls cost more on `device` than launching its extra operations: true
     of the CPU, where sparse pixels are gathered (Mixing.gather) and the personal q/k/v weights
-    merged (PriorProjections.merge_qkv). A GPU at SD1.5 sizes waits on Python to launch work (the
+    merged (PriorProjections.q_weight and the others). A GPU at SD1.5 sizes waits on Python to launch work (the
     benchmark: an H100's base step takes 29-40 ms at 256 and at 512 px alike), so there fewer
     operations win."""
     return device.type == "cpu"
@@ -375,5 +378,21 @@ also quantise their input are not, and keep the two-call personal projection."""
 
 def _projections(attn, merge: bool) -> PriorProjections:
     qkv = (attn.to_q, attn.to_k, attn.to_v)
-    linear = all(type(m) in _PLAIN_LINEAR and m.bias is None for m in qkv)
-    return PriorProjections(attn.to_q, attn.to_k, attn.to_v, attn.to_out, merge and linear)
+    if not (merge and all(type(m) in _PLAIN_LINEAR and m.bias is None for m in qkv)):
+        return PriorProjections(*qkv, attn.to_out)
+    return PriorProjections(*qkv, attn.to_out, *(partial(_weight_of, m, called_weight(m)) for m in qkv))
+
+
+def _weight_of(module: torch.nn.Linear, called: WeightOf, x: torch.Tensor) -> torch.Tensor | None:
+    """The weight `module` multiplies x by. Read where its forward would use that very tensor: no
+    casting, no weight functions, no hooks, already on x's device in x's dtype (on the CPU, where
+    no host streams weights, that is the rule: LoRA and hooked weights are patched in place).
+    Otherwise built by calling the module (`called_weight`)."""
+    weight = module.weight
+    casts = (
+        getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+        or getattr(module, "bias_function", None) or module._forward_hooks or module._forward_pre_hooks
+    )  # fmt: skip
+    if casts or weight.device != x.device or weight.dtype != x.dtype or type(weight.data) is not torch.Tensor:
+        return called(x)
+    return weight

@@ -150,13 +150,40 @@ def test_the_gpu_strategy_gives_the_cpu_strategys_mixture(base_model, conds, app
     assert patch._compute_bound(torch.device("cpu")) and not patch._compute_bound(torch.device("cuda", 0))
     region = centred_square(64)
     cpu = apply(trained, region=region)
-    assert runtime(cpu).mixing.gather and all(p.merge_qkv for p in runtime(cpu).prior)
+    assert runtime(cpu).mixing.gather and all(p.q_weight and p.k_weight for p in runtime(cpu).prior)
     monkeypatch.setattr(patch, "_compute_bound", lambda device: False)
     gpu = apply(trained, region=region)
-    assert not runtime(gpu).mixing.gather and not any(p.merge_qkv for p in runtime(gpu).prior)
+    assert not runtime(gpu).mixing.gather and not any(p.q_weight or p.k_weight for p in runtime(gpu).prior)
     base, cpu_out, gpu_out = sample(base_model, *conds), sample(cpu, *conds), sample(gpu, *conds)
     torch.testing.assert_close(gpu_out, cpu_out, rtol=1e-5, atol=1e-4)
     assert (cpu_out - base).abs().max() > 1e-2
+
+
+def test_the_cpu_reads_a_projection_weight_only_where_its_forward_uses_that_very_tensor():
+    import comfy.ops
+
+    from comfyui_moa.moa_core.mixture import called_weight
+    from comfyui_moa.nodes.host.patch import _weight_of
+
+    linear = comfy.ops.disable_weight_init.Linear(8, 4, bias=False).requires_grad_(False)
+    linear.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(2, 10, 8)
+
+    def weight(module=linear, x=x):
+        return _weight_of(module, called_weight(module), x)
+
+    assert weight() is linear.weight  # the forward multiplies by it as it is
+    linear.weight_function = [lambda w: 2.0 * w]  # e.g. a LoRA applied at op time (low VRAM)
+    assert torch.equal(weight(), 2.0 * linear.weight)
+    torch.testing.assert_close(x @ weight().t(), linear(x))
+    linear.weight_function = []
+    handle = linear.register_forward_hook(lambda module, args, out: 3.0 * out)
+    assert torch.equal(weight(), 3.0 * linear.weight)
+    handle.remove()
+    assert weight(x=x[:1, :3]) is linear.weight  # read: free for any number of rows
+    linear.comfy_cast_weights = True  # casts to the input on use: built by calling it
+    assert torch.equal(weight(x=x.double()), linear.weight.double())
+    assert weight(x=x[:1, :3]) is None  # too few rows for the call on the identity to pay
 
 
 def test_the_fuser_runs_once_per_model_call_for_every_cross_attention_layer(conds, apply, trained):

@@ -8,6 +8,7 @@ from comfyui_moa.moa_core.mixture import (
     Mixing,
     PriorProjections,
     RouterMode,
+    called_weight,
     mix,
     moa_attention,
     personal_attention,
@@ -328,14 +329,16 @@ def test_plus_delta_adds_the_delta_of_any_rank_exactly_zero_for_zero(perturb):
 
 
 @pytest.mark.parametrize("rank", [0, 2])
-def test_project_with_a_merged_weight_equals_the_two_matmuls(perturb, rank):
+@pytest.mark.parametrize("how", ["called", "read"])
+def test_project_with_a_merged_weight_equals_the_two_matmuls(perturb, rank, how):
     torch.manual_seed(0)
     proj = nn.Linear(C, INNER, bias=False).requires_grad_(False)
+    weight_of = called_weight(proj) if how == "called" else lambda x: proj.weight
     x = torch.randn(2, 20, C)  # 40 rows >= 8 features: the merged path
     layer = trained_layer(perturb, rank)
-    torch.testing.assert_close(project(proj, layer.delta_q, x, linear=True), proj(x) + layer.delta_q(x), **TOL)
+    torch.testing.assert_close(project(proj, layer.delta_q, x, weight_of), proj(x) + layer.delta_q(x), **TOL)
     zero = MoALayer(SPEC, delta_rank=rank).delta_q
-    assert torch.equal(project(proj, zero, x, linear=True), proj(x))  # exactly the host's matmul
+    assert torch.equal(project(proj, zero, x, weight_of), proj(x))  # exactly the host's matmul
 
 
 def test_project_calls_the_host_once_on_the_identity_when_merging():
@@ -347,9 +350,9 @@ def test_project_calls_the_host_once_on_the_identity_when_merging():
         return proj(t)
 
     delta = MoALayer(SPEC).delta_q
-    project(called, delta, torch.randn(2, 20, C), linear=True)
-    project(called, delta, torch.randn(1, 3, C), linear=True)  # fewer rows than features: two matmuls
-    project(called, delta, torch.randn(2, 20, C), linear=False)
+    project(called, delta, torch.randn(2, 20, C), called_weight(called))
+    project(called, delta, torch.randn(1, 3, C), called_weight(called))  # fewer rows than features: two matmuls
+    project(called, delta, torch.randn(2, 20, C))
     assert seen == [(C, C), (1, 3, C), (2, 20, C)]
 
 
