@@ -361,10 +361,10 @@ def apply_moa(
 
 def _compute_bound(device: torch.device) -> bool:
     """Whether MoA's extra matmuls cost more on `device` than launching its extra operations: true
-    of the CPU, where sparse pixels are gathered (Mixing.gather) and the personal q/k/v weights
-    merged (PriorProjections.q_weight and the others). A GPU at SD1.5 sizes waits on Python to launch work (the
-    benchmark: an H100's base step takes 29-40 ms at 256 and at 512 px alike), so there fewer
-    operations win."""
+    of the CPU, where sparse pixels are gathered (Mixing.gather) and the personal q/k/v are one
+    matmul each (PriorProjections.q_weight and the others). A GPU at SD1.5 sizes waits on Python
+    to launch work (the benchmark: an H100's base step takes 29-40 ms at 256 and at 512 px alike),
+    so there fewer operations win."""
     return device.type == "cpu"
 
 
