@@ -267,3 +267,39 @@ def moa_attention(
             x, w = x.index_select(1, pixels), w.index_select(1, pixels)
     personal = personal_attention(x, context, value, prior, layer, attention, on_qk)
     return scatter_mix(prior_out, personal, w, rows, pixels), r1
+
+
+def image_attention_difference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, w: torch.Tensor, attention: AttentionFn
+) -> torch.Tensor:
+    """sum_i w_i * Attn(q, k_i, v_i) [b, n, h*d] for experts i whose difference from the prior is one
+    linear map of their own attention (IP-Adapter's decoupled image attention: personal_i - prior =
+    to_out's matrix @ Attn(q, k_ip_i, v_ip_i)). That map is linear, so the weighted sum is taken
+    before it: one matmul after this whatever the number of experts (`mix_differences`).
+
+    q [b, n, h*d]; keys/values [s, b, t, h*d] (expert i's tokens for each row); w [s, b, n, 1]."""
+    s, b, n = w.shape[:3]
+    if s == 1:
+        return w[0] * attention(q, keys[0], values[0])
+    queries = q.expand(s, -1, -1, -1).reshape(s * b, n, q.shape[-1])
+    a = attention(queries, keys.flatten(0, 1), values.flatten(0, 1)).view(s, b, n, -1)
+    return (w * a).sum(dim=0)
+
+
+def mix_differences(
+    prior_out: torch.Tensor,
+    difference: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    pixels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """prior + sum_i w_i * (personal_i - prior), given that sum (`difference` [b, k, c]) at batch rows
+    [b] x pixels [k] of prior_out [B, n, c] (None: all). Every other entry keeps the prior exactly,
+    and so does every entry where all w_i are 0 (the sum is exact zeros there)."""
+    if rows is None and pixels is None:
+        return prior_out + difference
+    batch, n, c = prior_out.shape
+    rows = torch.arange(batch, device=prior_out.device) if rows is None else rows
+    pixels = torch.arange(n, device=prior_out.device) if pixels is None else pixels
+    index = (rows[:, None] * n + pixels[None, :]).reshape(-1)
+    flat = prior_out.reshape(batch * n, c)
+    return flat.index_add(0, index, difference.reshape(-1, c)).view(batch, n, c)

@@ -15,6 +15,7 @@ class Subject:
     embedding: torch.Tensor  # [e], mean over the subject's reference images
     crops: torch.Tensor  # [k, 224, 224, 3] what the image encoder saw, for previews
     encoder_dim: int  # width of the image encoder's embedding
+    hidden_states: torch.Tensor | None = None  # [257, e'] penultimate layer, mean over images (IP-Adapter plus)
 
 
 def to_rgb(image: torch.Tensor, input_name: str) -> torch.Tensor:
@@ -86,4 +87,7 @@ def blend_subjects(a: Subject, b: Subject, factor: float) -> Subject:
         )
     embedding = torch.lerp(a.embedding.float(), b.embedding.float(), factor)
     crops = a.crops if factor < 0.5 else b.crops
-    return Subject(embedding, crops, a.encoder_dim)
+    hidden = None
+    if a.hidden_states is not None and b.hidden_states is not None:
+        hidden = torch.lerp(a.hidden_states.float(), b.hidden_states.float(), factor)
+    return Subject(embedding, crops, a.encoder_dim, hidden)

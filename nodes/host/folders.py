@@ -1,4 +1,6 @@
-"""Model folders: models/moa for MoA weights, models/insightface for InsightFace model packs.
+"""Model folders: models/moa for MoA weights, models/insightface for InsightFace model packs,
+models/ipadapter for IP-Adapter files (the folder ComfyUI_IPAdapter_plus uses; .bin files are listed
+so that picking one says how to convert it).
 
 Registered so that extra_model_paths.yaml (applied before custom nodes load) can move them.
 """
@@ -10,12 +12,15 @@ import folder_paths
 
 MOA = "moa"
 INSIGHTFACE = "insightface"
+IPADAPTER = "ipadapter"
 
 
 def register() -> None:
-    for name, extensions in ((MOA, {".safetensors"}), (INSIGHTFACE, set())):
+    for name, extensions in ((MOA, {".safetensors"}), (INSIGHTFACE, set()), (IPADAPTER, {".safetensors", ".bin"})):
         if name in folder_paths.folder_names_and_paths:
-            paths, _ = folder_paths.folder_names_and_paths[name]
+            paths, theirs = folder_paths.folder_names_and_paths[name]
+            if name == IPADAPTER:  # shared with ComfyUI_IPAdapter_plus: keep what it lists too
+                extensions = extensions | set(theirs)
             folder_paths.folder_names_and_paths[name] = (paths, extensions)
         else:
             folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], extensions)

@@ -28,7 +28,8 @@ def _resized(squares: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def encode_subject(clip_vision, crops: torch.Tensor, input_name: str) -> Subject:
-    """One subject from its crops [k, 224, 224, 3]: the mean of their projected image embeddings."""
+    """One subject from its crops [k, 224, 224, 3]: the mean of their projected image embeddings
+    (and of their penultimate hidden states, which IP-Adapter plus and full-face read)."""
     out = clip_vision.encode_image(crops, crop=True)
     embeds = getattr(out, "image_embeds", None)
     if embeds is None or embeds.ndim != 2:
@@ -36,4 +37,6 @@ def encode_subject(clip_vision, crops: torch.Tensor, input_name: str) -> Subject
             f"{input_name}: this CLIP vision model gives no projected image embedding; load CLIP ViT-L/14 "
             "(e.g. clip-vit-large-patch14.safetensors in models/clip_vision) in the CLIPVisionLoader"
         )
-    return Subject(embeds.float().mean(dim=0).cpu(), crops.cpu(), embeds.shape[-1])
+    hidden = getattr(out, "penultimate_hidden_states", None)
+    hidden = None if hidden is None or hidden.ndim != 3 else hidden.float().mean(dim=0).cpu()
+    return Subject(embeds.float().mean(dim=0).cpu(), crops.cpu(), embeds.shape[-1], hidden)

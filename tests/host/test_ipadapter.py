@@ -1,0 +1,143 @@
+"""Tier 2: IP-Adapter experts in the MoA patch on a tiny ComfyUI model.
+
+The expert with the router sending every pixel to it equals IP-Adapter's published layer, restated
+in plain torch as an attn2 replace (what IP-Adapter's own processor computes); weight 0, the prior
+router and a window that excludes every step give the base model bit for bit."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from comfyui_moa.moa_core.attention_router import AttentionRouterConfig
+from comfyui_moa.moa_core.ipadapter import build_ipadapter
+from comfyui_moa.moa_core.subject import Subject
+from comfyui_moa.nodes.host.ipadapter import build_runtime, check_adapter_fits, cross_attention_paths
+from comfyui_moa.nodes.host.ipadapter_patch import ATTENTION, apply_ipadapter
+from comfyui_moa.nodes.host.unet_layers import attention_modules
+from moa_testing.ipadapter_files import state_dict_for
+from moa_testing.tiny import model_patcher, sample
+
+STEPS = 3
+PROMPT = 77
+
+
+def subjects(count: int = 1, seed: int = 20) -> list[Subject]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Subject(torch.randn(1024, generator=g), torch.zeros(1, 224, 224, 3), 1024, torch.randn(257, 1280, generator=g))
+        for _ in range(count)
+    ]
+
+
+def adapter_for(model, kind: str, seed: int = 0, std: float = 0.2):
+    return build_ipadapter(state_dict_for(model, kind, seed=seed, std=std), "test")
+
+
+def outputs_of(adapter, people) -> torch.Tensor:
+    key = "embedding" if adapter.spec.encoder_output == "image_embeds" else "hidden_states"
+    return torch.stack([getattr(p, key) for p in people])
+
+
+def negative_of(adapter) -> torch.Tensor:
+    if adapter.spec.encoder_output == "image_embeds":
+        return torch.zeros(1, adapter.spec.encoder_dim)
+    return torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(99))  # a "black image" stand-in
+
+
+def with_adapter(model, adapter, people, positions=((5,),), record=None, **options):
+    paths = check_adapter_fits(model, adapter, "test")
+    settings = {
+        "weight": 1.0,
+        "weight_type": "linear",
+        "start_percent": 0.0,
+        "end_percent": 1.0,
+        "router_mode": "personal everywhere",
+        "router": AttentionRouterConfig(),
+        "sparse_threshold": 0.0,
+        "input_name": "test",
+    } | options
+    runtime = build_runtime(
+        model, model_patcher(adapter), outputs_of(adapter, people), negative_of(adapter), positions, PROMPT,
+        settings, paths, record,
+    )  # fmt: skip
+    return apply_ipadapter(model, runtime, "test")
+
+
+class ReferenceIPAdapter:
+    """IP-Adapter's layer in plain torch, as an attn2 replace: Attn(q, k, v) + w * Attn(q, K_ip, V_ip),
+    which the host then passes through to_out. Cond rows see the subject's tokens, uncond rows the
+    negative image's (IP-Adapter's CFG)."""
+
+    def __init__(self, adapter, ip_layer, tokens, negative_tokens, weight):
+        self.k = [F.linear(t, ip_layer.to_k_ip.weight) for t in (tokens, negative_tokens)]
+        self.v = [F.linear(t, ip_layer.to_v_ip.weight) for t in (tokens, negative_tokens)]
+        self.weight = weight
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        chunks = extra_options["cond_or_uncond"]
+        per = q.shape[0] // len(chunks)
+        kind = torch.tensor([c for c in chunks for _ in range(per)])
+        k_ip = torch.stack([self.k[int(c)] for c in kind])
+        v_ip = torch.stack([self.v[int(c)] for c in kind])
+
+        def attn(q, k, v):
+            split = [rearrange(a, "b t (h d) -> b h t d", h=heads) for a in (q, k, v)]
+            return rearrange(F.scaled_dot_product_attention(*split), "b h n d -> b n (h d)")
+
+        return attn(q, k, v) + self.weight * attn(q, k_ip, v_ip)
+
+
+def reference_model(model, adapter, person, weight=1.0):
+    from comfyui_moa.moa_core import block_key
+    from comfyui_moa.nodes.host.ipadapter import _FILE_ORDER, _order
+
+    paths = _order(cross_attention_paths(model), _FILE_ORDER)
+    tokens = adapter.image_tokens(outputs_of(adapter, [person]))[0].float()
+    negative = adapter.image_tokens(negative_of(adapter))[0].float()
+    patched = model.clone()
+    for i, path in enumerate(paths):
+        name, block_id, index = block_key(path.rsplit(".", 1)[0])
+        replace = ReferenceIPAdapter(adapter, adapter.layers[i], tokens, negative, weight)
+        patched.set_model_attn2_replace(replace, name, block_id, index)
+    return patched
+
+
+@pytest.mark.parametrize("kind", ["sd15", "plus", "full-face"])
+def test_expert_with_the_router_sending_every_pixel_to_it_is_ip_adapters_published_layer(base_model, conds, kind):
+    adapter = adapter_for(base_model, kind)
+    (person,) = subjects(1)
+    ours = sample(with_adapter(base_model, adapter, [person], weight=0.8), *conds, steps=STEPS)
+    reference = sample(reference_model(base_model, adapter, person, weight=0.8), *conds, steps=STEPS)
+    base = sample(base_model, *conds, steps=STEPS)
+    difference = (ours - reference).abs().max()
+    print(f"{kind}: max |ours - reference| = {difference:.3g}, |reference - base| = {(reference - base).abs().max():.3g}")
+    assert (reference - base).abs().max() > 1e-2, "the test adapter does nothing"
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)  # float rounding: to_out applied apart
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"weight": 0.0},
+        {"router_mode": "prior everywhere"},
+        {"start_percent": 0.0, "end_percent": 0.0},
+        {"router_mode": ATTENTION, "router": AttentionRouterConfig(warmup=0.99)},
+    ],
+    ids=["weight 0", "prior router", "window excludes every step", "router still warming up"],
+)
+def test_where_the_experts_get_no_weight_the_output_is_the_base_models_bit_for_bit(base_model, conds, options):
+    adapter = adapter_for(base_model, "plus")
+    patched = with_adapter(base_model, adapter, subjects(2), positions=((3,), (6,)), **options)
+    assert torch.equal(sample(patched, *conds, steps=STEPS), sample(base_model, *conds, steps=STEPS))
+
+
+def test_self_attention_stays_the_prior_and_only_cross_attention_is_patched(base_model):
+    adapter = adapter_for(base_model, "sd15")
+    patched = with_adapter(base_model, adapter, subjects(1))
+    patches = patched.model_options["transformer_options"]["patches"]
+    assert "attn1_patch" not in patches and "attn1_output_patch" not in patches
+    assert len(patches["attn2_patch"]) == 1 and len(patches["attn2_output_patch"]) == 1
+    assert len(cross_attention_paths(base_model)) == len(adapter.layers) == 4
+    assert {p for p in attention_modules(base_model.model.diffusion_model) if p.endswith("attn1")}

@@ -1,0 +1,102 @@
+"""IP-Adapter state dicts and files with the published key names and shapes, random values.
+
+`sd15_state_dict(kind)` has the real SD1.5 layout (16 cross-attention layers of widths 320, 640,
+1280 in diffusers' processor order, keys 1, 3, ..., 31); `state_dict_for(model, kind)` the same
+layout for any loaded model (the tiny test UNets). Kinds: "sd15" (and "light_v11", the same
+shapes), "plus" (and "plus-face"), "full-face", "sdxl" (an SDXL ip-adapter_sdxl_vit-h).
+"""
+
+from pathlib import Path
+
+import torch
+
+SD15_LAYER_DIMS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)
+"""Inner widths of SD1.5's cross-attention layers in file order: input 1, 2, 4, 5, 7, 8, output 3-11, middle."""
+
+
+def image_proj(kind: str, context_dim: int = 768, generator: torch.Generator | None = None) -> dict:
+    """The `image_proj.*` tensors of a file of `kind` (without the prefix)."""
+    g = generator or torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    def norm(prefix, dim):
+        return {f"{prefix}.weight": 1 + rand(dim, std=0.1), f"{prefix}.bias": rand(dim)}
+
+    if kind in ("sd15", "light_v11", "sdxl"):
+        embed = 1024
+        return {
+            "proj.weight": rand(4 * context_dim, embed),
+            "proj.bias": rand(4 * context_dim),
+            **norm("norm", context_dim),
+        }
+    if kind == "full-face":
+        return {
+            "proj.0.weight": rand(1280, 1280), "proj.0.bias": rand(1280),
+            "proj.2.weight": rand(context_dim, 1280), "proj.2.bias": rand(context_dim),
+            **norm("proj.3", context_dim),
+        }  # fmt: skip
+    if kind in ("plus", "plus-face"):
+        width = 768
+        out = {
+            "latents": torch.randn(1, 16, width, generator=g) / width**0.5,
+            "proj_in.weight": rand(width, 1280), "proj_in.bias": rand(width),
+            "proj_out.weight": rand(context_dim, width), "proj_out.bias": rand(context_dim),
+            **norm("norm_out", context_dim),
+        }  # fmt: skip
+        for i in range(4):
+            out |= norm(f"layers.{i}.0.norm1", width) | norm(f"layers.{i}.0.norm2", width)
+            out[f"layers.{i}.0.to_q.weight"] = rand(width, width)
+            out[f"layers.{i}.0.to_kv.weight"] = rand(2 * width, width)
+            out[f"layers.{i}.0.to_out.weight"] = rand(width, width)
+            out |= norm(f"layers.{i}.1.0", width)
+            out[f"layers.{i}.1.1.weight"] = rand(4 * width, width)
+            out[f"layers.{i}.1.3.weight"] = rand(width, 4 * width)
+        return out
+    raise ValueError(kind)
+
+
+def state_dict_with(layer_dims, kind: str, context_dim: int = 768, seed: int = 0, std: float = 0.05) -> dict:
+    """A whole file's flat state dict: image_proj.* plus ip_adapter.<2i+1>.to_{k,v}_ip.weight."""
+    g = torch.Generator().manual_seed(seed)
+    out = {f"image_proj.{k}": v for k, v in image_proj(kind, context_dim, g).items()}
+    for i, dim in enumerate(layer_dims):
+        for name in ("to_k_ip", "to_v_ip"):
+            out[f"ip_adapter.{2 * i + 1}.{name}.weight"] = torch.randn(dim, context_dim, generator=g) * std
+    return out
+
+
+def sd15_state_dict(kind: str, seed: int = 0) -> dict:
+    if kind == "sdxl":
+        return state_dict_with((640, 1280) * 35, kind, context_dim=2048, seed=seed)
+    return state_dict_with(SD15_LAYER_DIMS, kind, seed=seed)
+
+
+def state_dict_for(model, kind: str, seed: int = 0, std: float = 0.05) -> dict:
+    """An IP-Adapter for a loaded model's cross-attention layers (file order: down, up, mid)."""
+    from comfyui_moa.nodes.host.ipadapter import _FILE_ORDER, _order, cross_attention_paths
+    from comfyui_moa.nodes.host.unet_layers import attention_modules
+
+    modules = attention_modules(model.model.diffusion_model)
+    dims = [modules[p].to_k.out_features for p in _order(cross_attention_paths(model), _FILE_ORDER)]
+    return state_dict_with(dims, kind, seed=seed, std=std)
+
+
+def write(state_dict: dict, path: str | Path, pickle: bool = False) -> Path:
+    """The state dict as a .safetensors file (fp16 like the published ones) or, `pickle`, as a .bin
+    in the {"image_proj": ..., "ip_adapter": ...} layout the original releases use."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.half().contiguous() for k, v in state_dict.items()}
+    if pickle:
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in tensors.items():
+            group, rest = key.split(".", 1)
+            nested[group][rest] = value
+        torch.save(nested, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    return path
