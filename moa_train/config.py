@@ -25,6 +25,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 @dataclass(frozen=True)
 class ModelSettings:
     checkpoint: str = ""  # SD1.5 checkpoint, loaded with ComfyUI's loader
+    world: str = ""  # a small-world folder (moa_world): its prior, text encoder, VAE and subject encoder
     clip_vision: str = ""  # CLIP ViT-L/14 vision model, loaded with comfy.clip_vision.load
     image_encoder: str = "clip-vit-large-patch14"  # the encoder's name written into the weights
     unet_dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
@@ -141,7 +142,10 @@ class TrainConfig:
         return replace(
             self,
             model=replace(
-                self.model, checkpoint=resolve(self.model.checkpoint), clip_vision=resolve(self.model.clip_vision)
+                self.model,
+                checkpoint=resolve(self.model.checkpoint),
+                clip_vision=resolve(self.model.clip_vision),
+                world=resolve(self.model.world),
             ),
             data=replace(self.data, root=resolve(self.data.root)),
             moa=replace(self.moa, init=resolve(self.moa.init)),
@@ -199,7 +203,8 @@ def _check(ok: bool, where: str, message: str) -> None:
 def _validate(config: TrainConfig) -> None:
     d, m, loss, o, r = config.data, config.moa, config.loss, config.optim, config.run
     _check(d.layout in LAYOUTS, "[data] layout", f"{d.layout!r} is not one of {', '.join(LAYOUTS)}")
-    _check(d.resolution > 0 and d.resolution % 64 == 0, "[data] resolution", "must be a positive multiple of 64")
+    # the model's own multiple (64 for SD1.5: 8x VAE, 3 downsamples) is checked when it is loaded
+    _check(d.resolution > 0 and d.resolution % 8 == 0, "[data] resolution", "must be a positive multiple of 8")
     _check(d.subject_resolution >= 16, "[data] subject_resolution", "must be at least 16")
     _check(1 <= d.max_subjects <= 16, "[data] max_subjects", "must be between 1 and 16")
     for name in ("uncondition_prob", "subject_keep_prob"):

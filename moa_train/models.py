@@ -46,8 +46,11 @@ class Models:
 
 def load_models(config: TrainConfig, on_gpu: bool) -> Models:
     """The checkpoint through comfy.sd.load_checkpoint_guess_config and the CLIP vision model
-    through comfy.clip_vision.load, as ComfyUI's loader nodes load them."""
+    through comfy.clip_vision.load, as ComfyUI's loader nodes load them; or, with `[model] world`,
+    the small world's models through moa_world's load_world (the same ComfyUI classes)."""
     settings = config.model
+    if settings.world:
+        return load_world_models(settings.world, config)
     for name, path in (("checkpoint", settings.checkpoint), ("clip_vision", settings.clip_vision)):
         if not path or not Path(path).is_file():
             raise ConfigError(f"[model] {name}: {path or 'not set'} is no file; give the path of the model file")
@@ -66,6 +69,31 @@ def load_models(config: TrainConfig, on_gpu: bool) -> Models:
             "use the CLIP ViT-L/14 vision file (models/clip_vision)"
         )
     return Models(model, clip, vae, vision, Path(settings.checkpoint).name, Path(settings.clip_vision).name)
+
+
+def load_world_models(folder: str, config: TrainConfig) -> Models:
+    """The small world's prior, text encoder, VAE and subject encoder (moa_world.models.load_world)."""
+    if config.model.checkpoint or config.model.clip_vision:
+        raise ConfigError("[model] world: give the world folder or checkpoint + clip_vision files, not both")
+    from comfyui_moa.moa_world.models import load_world
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"[model] world: {folder} is no folder; build one with python -m moa_world build")
+    world = load_world(path)
+    name = f"world:{path.name}"
+    return Models(world.model, world.clip, world.vae, world.vision, name, f"{name}/subject encoder")
+
+
+def check_resolution(config: TrainConfig, models: Models) -> None:
+    """[data] resolution must give a latent the UNet can halve at each of its levels."""
+    levels = len(models.model.model.model_config.unet_config.get("channel_mult", (1,)))
+    multiple = int(getattr(models.vae, "downscale_ratio", 8)) * 2 ** (levels - 1)
+    if config.data.resolution % multiple:
+        raise ConfigError(
+            f"[data] resolution: {config.data.resolution} px is no multiple of {multiple}, which this model's "
+            f"VAE and {levels} UNet levels need"
+        )
 
 
 def build_weights(config: TrainConfig, models: Models) -> MoAWeights:
@@ -103,6 +131,7 @@ def training_model(
 ) -> tuple[TrainingModel, ModelPatcher]:
     """The module a step runs: the host frozen, `weights` (and the chosen CLIP-vision layers)
     trainable, the model patched by the nodes' apply_moa. Also returns the weights' ModelPatcher."""
+    check_resolution(config, models)
     sampling = type(models.model.get_model_object("model_sampling"))
     if sampling.calculate_denoised is not comfy.model_sampling.EPS.calculate_denoised:  # v-prediction subclasses EPS
         raise ConfigError("[model] checkpoint: MoA trains on noise-predicting (EPS) models such as SD1.5")
@@ -172,6 +201,7 @@ def training_facts(config: TrainConfig, models: Models, steps: int, global_batch
         "trainer": "moa_train",
         "base_model": models.model_name,
         "base_fingerprint": base_fingerprint(models.model),
+        "world": config.model.world or None,  # the small world's folder when it is the base model
         "image_encoder_file": models.vision_name,
         "steps": steps,
         "global_batch": global_batch,

@@ -44,7 +44,7 @@ def test_a_toml_file_resolves_relative_paths_against_its_folder(tmp_path):
         ("[optim]\nbetas = [0.9]\n", r"\[optim\] betas: expected 2 values, found 1"),
         ('[data]\nlayout = "coco"\n', r"\[data\] layout: 'coco' is not one of ffhq-wild, folder"),
         ("[data]\nuncondition_prob = 1.5\n", "must be a probability"),
-        ("[data]\nresolution = 500\n", "multiple of 64"),
+        ("[data]\nresolution = 500\n", "multiple of 8"),
         ("[optim]\nlr_routers = -1\n", "must be 0 or more"),
         ("[moa]\nprior_init = 1.0\n", "strictly between 0 and 1"),
         ("[optim\n", "not valid TOML"),
