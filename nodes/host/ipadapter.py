@@ -111,6 +111,7 @@ def build_runtime(
     options: dict,
     file_paths: list[str],
     record: RouterRecord | None,
+    subject_record: RouterRecord | None = None,
 ) -> IPRuntime:
     """The runtime of apply_ipadapter. `options`: weight, weight_type, start_percent, end_percent,
     router_mode, router (AttentionRouterConfig), sparse_threshold, input_name."""
@@ -148,4 +149,5 @@ def build_runtime(
         sparse_threshold=options["sparse_threshold"],
         fused_attention=fused_attention(),
         record=record,
+        subject_record=subject_record,
     )

@@ -71,6 +71,9 @@ class IPRuntime:
     sparse_threshold: float
     fused_attention: bool
     record: RouterRecord | None = None
+    subject_record: RouterRecord | None = None
+    """Each subject's own weights: [b * s, h, w] per (step, layer), latent-major (tests and
+    diagnostics; the record above holds their union, what MoA Router Masks shows)."""
 
     def plan_step(self, x: torch.Tensor, context: torch.Tensor, transformer_options: dict) -> "IPStep | None":
         if self.router_mode == RouterMode.PRIOR.value:
@@ -97,7 +100,8 @@ class IPRuntime:
         down = self.router.downscale
         read_hw = (-(-h // down), -(-w // down))
         acting = self.router_mode != ATTENTION or sigma is None or sigma <= self.sigma_warm
-        recording = self.record is not None and sigma is not None and bool(self.record.sigmas)
+        record = self.record or self.subject_record
+        recording = record is not None and sigma is not None and bool(record.sigmas)
         return IPStep(
             cond=(kinds == 0).to(x.device),
             latent_of_row=torch.arange(x.shape[0], device=x.device) % per_chunk,
@@ -106,7 +110,7 @@ class IPRuntime:
             read_pixels=read_hw[0] * read_hw[1],
             acting=acting,
             run=run,
-            step=self.record.step_of(sigma) if recording else None,
+            step=record.step_of(sigma) if recording else None,
         )
 
 
@@ -171,7 +175,10 @@ class IPOutputPatch(_Shared):
             return n
         if step.step is not None and step.cond_rows.numel():
             cond_masks = masks[step.latent_of_row[step.cond_rows]]
-            rt.record.add(step.step, layer.index, union(cond_masks).reshape(-1, *hw))
+            if rt.record is not None:
+                rt.record.add(step.step, layer.index, union(cond_masks).reshape(-1, *hw))
+            if rt.subject_record is not None:
+                rt.subject_record.add(step.step, layer.index, cond_masks.reshape(-1, *hw))
         w = (masks[step.latent_of_row] * layer.weight).movedim(1, 0)[..., None]  # [s, B, n, 1]
         rows = pixels = None
         if rt.sparse_threshold > 0.0:
@@ -241,12 +248,12 @@ class IPRunWrapper(_Shared):
     """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record and RouterRun. The run's
     model_options are the guider's copy for this run, so what goes in them leaves with the run."""
 
-    def __init__(self, record: RouterRecord | None) -> None:
-        self.record = record
+    def __init__(self, *records: RouterRecord | None) -> None:
+        self.records = [r for r in records if r is not None]
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        if self.record is not None:
-            self.record.begin_run(sigmas.reshape(-1).tolist())
+        for record in self.records:
+            record.begin_run(sigmas.reshape(-1).tolist())
         options = getattr(executor.class_obj, "model_options", None)
         if options is not None:
             options.setdefault("transformer_options", {})[RUN_KEY] = RouterRun()
@@ -265,7 +272,9 @@ def apply_ipadapter(model: ModelPatcher, runtime: IPRuntime, input_name: str) ->
     patched.set_model_attn2_patch(IPInputPatch(runtime))
     patched.set_model_attn2_output_patch(IPOutputPatch(runtime))
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, IPStepWrapper(runtime))
-    patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, IPRunWrapper(runtime.record))
+    patched.add_wrapper_with_key(
+        WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, IPRunWrapper(runtime.record, runtime.subject_record)
+    )
     return patched
 
 

@@ -10,58 +10,13 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from comfyui_moa.moa_core.attention_router import AttentionRouterConfig
-from comfyui_moa.moa_core.ipadapter import build_ipadapter
-from comfyui_moa.moa_core.subject import Subject
-from comfyui_moa.nodes.host.ipadapter import build_runtime, check_adapter_fits, cross_attention_paths
-from comfyui_moa.nodes.host.ipadapter_patch import ATTENTION, apply_ipadapter
+from comfyui_moa.nodes.host.ipadapter import cross_attention_paths
+from comfyui_moa.nodes.host.ipadapter_patch import ATTENTION
 from comfyui_moa.nodes.host.unet_layers import attention_modules
-from moa_testing.ipadapter_files import state_dict_for
-from moa_testing.tiny import model_patcher, sample
+from moa_testing.ipadapter import adapter_for, negative_of, outputs_of, subjects, with_adapter
+from moa_testing.tiny import sample
 
 STEPS = 3
-PROMPT = 77
-
-
-def subjects(count: int = 1, seed: int = 20) -> list[Subject]:
-    g = torch.Generator().manual_seed(seed)
-    return [
-        Subject(torch.randn(1024, generator=g), torch.zeros(1, 224, 224, 3), 1024, torch.randn(257, 1280, generator=g))
-        for _ in range(count)
-    ]
-
-
-def adapter_for(model, kind: str, seed: int = 0, std: float = 0.2):
-    return build_ipadapter(state_dict_for(model, kind, seed=seed, std=std), "test")
-
-
-def outputs_of(adapter, people) -> torch.Tensor:
-    key = "embedding" if adapter.spec.encoder_output == "image_embeds" else "hidden_states"
-    return torch.stack([getattr(p, key) for p in people])
-
-
-def negative_of(adapter) -> torch.Tensor:
-    if adapter.spec.encoder_output == "image_embeds":
-        return torch.zeros(1, adapter.spec.encoder_dim)
-    return torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(99))  # a "black image" stand-in
-
-
-def with_adapter(model, adapter, people, positions=((5,),), record=None, **options):
-    paths = check_adapter_fits(model, adapter, "test")
-    settings = {
-        "weight": 1.0,
-        "weight_type": "linear",
-        "start_percent": 0.0,
-        "end_percent": 1.0,
-        "router_mode": "personal everywhere",
-        "router": AttentionRouterConfig(),
-        "sparse_threshold": 0.0,
-        "input_name": "test",
-    } | options
-    runtime = build_runtime(
-        model, model_patcher(adapter), outputs_of(adapter, people), negative_of(adapter), positions, PROMPT,
-        settings, paths, record,
-    )  # fmt: skip
-    return apply_ipadapter(model, runtime, "test")
 
 
 class ReferenceIPAdapter:
@@ -111,8 +66,8 @@ def test_expert_with_the_router_sending_every_pixel_to_it_is_ip_adapters_publish
     ours = sample(with_adapter(base_model, adapter, [person], weight=0.8), *conds, steps=STEPS)
     reference = sample(reference_model(base_model, adapter, person, weight=0.8), *conds, steps=STEPS)
     base = sample(base_model, *conds, steps=STEPS)
-    difference = (ours - reference).abs().max()
-    print(f"{kind}: max |ours - reference| = {difference:.3g}, |reference - base| = {(reference - base).abs().max():.3g}")
+    difference, effect = (ours - reference).abs().max(), (reference - base).abs().max()
+    print(f"{kind}: max |ours - reference| = {difference:.3g}, |reference - base| = {effect:.3g}")
     assert (reference - base).abs().max() > 1e-2, "the test adapter does nothing"
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)  # float rounding: to_out applied apart
 
