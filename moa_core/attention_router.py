@@ -25,7 +25,8 @@ from .errors import OptionsError
 
 @dataclass(frozen=True)
 class AttentionRouterConfig:
-    downscale: int = 4  # read the layers whose grid is the latent's / downscale (16x16 at 512 px)
+    downscale: int = 4  # read the layers whose grid is the latent's / downscale (16x16 at 512 px), or the deepest
+    # cross-attention level where a model has none that deep
     warmup: float = 0.2  # fraction of the schedule before the router acts (the prior paints until then)
     threshold: float = 0.3  # normalised maps below this give weight 0 ...
     softness: float = 0.2  # ... and reach 1 this far above it

@@ -3,6 +3,7 @@
 from .apply import MoAApply
 from .host import folders
 from .init_weights import MoAInitWeights
+from .ipadapter import MoAIPAdapterApply, MoAIPAdapterLoader
 from .loaders import MoAInsightFaceLoader, MoALoader
 from .router_masks import MoARouterMasks
 from .subjects import MoASubject, MoASubjectBlend
@@ -17,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "MoAApply": MoAApply,
     "MoARouterMasks": MoARouterMasks,
     "MoAInitWeights": MoAInitWeights,
+    "MoAIPAdapterLoader": MoAIPAdapterLoader,
+    "MoAIPAdapterApply": MoAIPAdapterApply,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +30,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoAApply": "MoA Apply",
     "MoARouterMasks": "MoA Router Masks",
     "MoAInitWeights": "MoA Init Weights",
+    "MoAIPAdapterLoader": "MoA IP-Adapter Loader",
+    "MoAIPAdapterApply": "MoA IP-Adapter Apply",
 }

@@ -29,6 +29,35 @@ def cross_attention_paths(model: ModelPatcher) -> list[str]:
     return [path for path in attention_modules(model.model.diffusion_model) if path.endswith(".attn2")]
 
 
+def cross_attention_levels(model: ModelPatcher) -> dict[str, int]:
+    """Each cross-attention layer's UNet level: how many times the grid was halved before it."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    unet, levels, level = model.model.diffusion_model, {}, 0
+    paths = set(cross_attention_paths(model))
+
+    def mark(prefix: str, block) -> None:
+        for name, _ in block.named_modules():
+            if f"{prefix}.{name}.attn2" in paths:
+                levels[f"{prefix}.{name}.attn2"] = level
+
+    for i, block in enumerate(unet.input_blocks):
+        level += any(isinstance(m, Downsample) for m in block.modules())
+        mark(f"input_blocks.{i}", block)
+    mark("middle_block", unet.middle_block)
+    for i, block in enumerate(unet.output_blocks):
+        mark(f"output_blocks.{i}", block)
+        level -= any(isinstance(m, Upsample) for m in block.modules())
+    return levels
+
+
+def read_level(model: ModelPatcher, downscale: int) -> int:
+    """The level the attention router reads: the one at `downscale` (4: 16x16 at 512 px), or the
+    deepest level with cross-attention where the model has none that deep (small test models)."""
+    wanted = max(0, downscale.bit_length() - 1)
+    return min(wanted, max(cross_attention_levels(model).values()))
+
+
 def _order(paths: Sequence[str], rank: dict) -> list[str]:
     def key(path: str):
         name, block_id, index = block_key(path.rsplit(".", 1)[0])
@@ -146,6 +175,7 @@ def build_runtime(
         sigma_start=sampling.percent_to_sigma(start),
         sigma_end=sampling.percent_to_sigma(end),
         sigma_warm=sampling.percent_to_sigma(start + router.warmup * (end - start)),
+        read_level=read_level(model, router.downscale),
         sparse_threshold=options["sparse_threshold"],
         fused_attention=fused_attention(),
         record=record,

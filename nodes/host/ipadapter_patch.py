@@ -68,6 +68,7 @@ class IPRuntime:
     sigma_start: float
     sigma_end: float
     sigma_warm: float  # the attention router acts at sigmas at or below this
+    read_level: int  # the UNet level whose cross-attention the router reads (2: 16x16 at 512 px)
     sparse_threshold: float
     fused_attention: bool
     record: RouterRecord | None = None
@@ -96,9 +97,9 @@ class IPRuntime:
             )
         copies = torch.arange(length // self.prompt_length) * self.prompt_length
         columns = [(torch.tensor(p)[None] + copies[:, None]).reshape(-1).to(x.device) for p in self.positions]
-        h, w = x.shape[-2:]
-        down = self.router.downscale
-        read_hw = (-(-h // down), -(-w // down))
+        read_hw = tuple(x.shape[-2:])
+        for _ in range(self.read_level):  # stride-2 convolutions, odd sizes rounding up
+            read_hw = (-(-read_hw[0] // 2), -(-read_hw[1] // 2))
         acting = self.router_mode != ATTENTION or sigma is None or sigma <= self.sigma_warm
         record = self.record or self.subject_record
         recording = record is not None and sigma is not None and bool(record.sigmas)

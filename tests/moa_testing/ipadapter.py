@@ -54,3 +54,33 @@ def with_adapter(model, adapter, people, positions=((5,),), record=None, subject
         settings, paths, record, subject_record,
     )  # fmt: skip
     return apply_ipadapter(model, runtime, "test")
+
+
+def tiny_clip_vision_h(folder, seed: int = 0):
+    """A 2-layer CLIP vision model with ViT-H/14's output sizes (hidden 1280, 257 tokens from 14 px
+    patches, 1024-d image_embeds) in ComfyUI's class; a real ViT-H file is 1.2 GB."""
+    import json
+    from pathlib import Path
+
+    import comfy.clip_vision
+
+    from moa_testing.tiny import fill_
+
+    config = {
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "image_size": 224,
+        "intermediate_size": 256,
+        "layer_norm_eps": 1e-05,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 16,
+        "num_channels": 3,
+        "num_hidden_layers": 2,
+        "patch_size": 14,
+        "projection_dim": 1024,
+    }
+    path = Path(folder) / "tiny_clip_vision_h.json"
+    path.write_text(json.dumps(config))
+    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    fill_(clip_vision.model, seed, std=0.05)
+    return clip_vision

@@ -3,7 +3,8 @@
 `sd15_state_dict(kind)` has the real SD1.5 layout (16 cross-attention layers of widths 320, 640,
 1280 in diffusers' processor order, keys 1, 3, ..., 31); `state_dict_for(model, kind)` the same
 layout for any loaded model (the tiny test UNets). Kinds: "sd15" (and "light_v11", the same
-shapes), "plus" (and "plus-face"), "full-face", "sdxl" (an SDXL ip-adapter_sdxl_vit-h).
+shapes), "plus" (and "plus-face"), "full-face", "sdxl" (an SDXL ip-adapter_sdxl_vit-h's
+image projection and two of its layers).
 """
 
 from pathlib import Path
@@ -68,8 +69,8 @@ def state_dict_with(layer_dims, kind: str, context_dim: int = 768, seed: int = 0
 
 
 def sd15_state_dict(kind: str, seed: int = 0) -> dict:
-    if kind == "sdxl":
-        return state_dict_with((640, 1280) * 35, kind, context_dim=2048, seed=seed)
+    if kind == "sdxl":  # two of its 70 layers: enough to be told apart (2048-d text), 1/35 of the size
+        return state_dict_with((640, 1280), kind, context_dim=2048, seed=seed)
     return state_dict_with(SD15_LAYER_DIMS, kind, seed=seed)
 
 
