@@ -3,6 +3,7 @@
 No ComfyUI imports here: the host glue lives in the pack's `nodes/host`.
 """
 
+from .attention_router import AttentionRouterConfig, RouterRun
 from .errors import (
     ConditioningError,
     ConfigError,
@@ -13,9 +14,19 @@ from .errors import (
     WeightsMismatchError,
 )
 from .fuser import Fuser, FuserConfig
+from .ipadapter import IPAdapter, IPAdapterSpec, load_ipadapter
 from .layer import Delta, MoALayer
 from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss
-from .mixture import Mixing, PriorProjections, RouterMode, mix, moa_attention, personal_attention
+from .mixture import (
+    Mixing,
+    PriorProjections,
+    RouterMode,
+    image_attention_difference,
+    mix,
+    mix_differences,
+    moa_attention,
+    personal_attention,
+)
 from .probe import TrainingProbe
 from .prompt import PersonalPrompt, SubjectTokens, fuse_subjects, personal_context, subject_attention, subject_tokens
 from .record import RouterRecord
@@ -25,12 +36,15 @@ from .weights import ImageEncoderSpec, MoAConfig, MoAWeights, load_weights, moa_
 
 __all__ = [
     "FAMILY_BLOCKS",
+    "AttentionRouterConfig",
     "ConditioningError",
     "ConfigError",
     "DataError",
     "Delta",
     "Fuser",
     "FuserConfig",
+    "IPAdapter",
+    "IPAdapterSpec",
     "ImageEncoderSpec",
     "LayerSpec",
     "Mixing",
@@ -44,6 +58,7 @@ __all__ = [
     "Router",
     "RouterMode",
     "RouterRecord",
+    "RouterRun",
     "SubjectTokens",
     "TrainingProbe",
     "WeightsFormatError",
@@ -52,9 +67,12 @@ __all__ = [
     "block_path",
     "family_layer_paths",
     "fuse_subjects",
+    "image_attention_difference",
+    "load_ipadapter",
     "load_weights",
     "masked_diffusion_loss",
     "mix",
+    "mix_differences",
     "moa_attention",
     "moa_init",
     "object_loss",
