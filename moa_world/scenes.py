@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+WORLD_VERSION = 1  # bump when what a seed draws changes: cached priors are keyed by it
 SIZE = 32
 BACKGROUNDS = ("grass", "sky", "desert", "night")
 BACKGROUND_PHRASES = {"grass": "on grass", "sky": "in the sky", "desert": "in the desert", "night": "at night"}
