@@ -102,7 +102,8 @@ def finished_run(comfy_page):
            }) })""",
         TIMEOUT_MS,
     )
-    comfy_page.page.locator('[data-testid="queue-button"] button').first.click()
+    # the Run button: inside the queue-button group up to frontend 1.35, the element itself in 1.49
+    comfy_page.page.locator('[data-testid="queue-button"] button, button[data-testid="queue-button"]').first.click()
     result = comfy_page.evaluate("listening => listening.finished", listening)
     assert result["ok"], f"{result.get('node_type')} failed: {result.get('exception_message')}"
     (node,) = comfy_page.node_ids("MoARouterMasks")

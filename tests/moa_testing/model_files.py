@@ -18,6 +18,7 @@ The whole of tests/host/test_model_files.py: 16 s (50 s with other test runs bes
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -92,8 +93,12 @@ def write_sd15_checkpoint(path: str | Path, seed: int = 0) -> Path:
         taesd.vae_shift.fill_(0.0)
         [*_, last] = (m for m in taesd.taesd_decoder.modules() if isinstance(m, torch.nn.Conv2d))
         last.bias.fill_(0.5)
-    state_dict = model.state_dict_for_saving(clip.get_sd(), taesd.state_dict())
-    return _save_fp16(state_dict, path)
+    parts = {"clip_state_dict": clip.get_sd(), "vae_state_dict": taesd.state_dict()}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        # ComfyUI 0.33 takes the UNet's state dict from its caller (0.3.64 and 0.8 read their own); given
+        # the text encoder's in its place, it writes no UNet and the file is not detected as a checkpoint
+        parts["unet_state_dict"] = model.diffusion_model.state_dict()
+    return _save_fp16(model.state_dict_for_saving(**parts), path)
 
 
 def write_sd15_controlnet(path: str | Path, unet_config: Mapping | None = None, seed: int = 1) -> Path:
