@@ -43,6 +43,7 @@ class RouterMode(enum.Enum):
     LEARNED = "learned"
     PRIOR = "prior everywhere"
     PERSONAL = "personal everywhere"
+    ATTENTION = "from attention"  # moa_core.attention_router: the caller passes r1 in
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def router_weight(layer: MoALayer, x: torch.Tensor, mode: RouterMode) -> torch.T
     """r1 [b, n, 1] for hidden states x [b, n, c] under `mode`."""
     if mode is RouterMode.LEARNED:
         return layer.router.personal_weight(x)
+    if mode is RouterMode.ATTENTION:
+        raise ValueError("a router read from attention gives r1 to moa_attention; router_weight cannot")
     fill = 1.0 if mode is RouterMode.PERSONAL else 0.0
     return x.new_full((*x.shape[:-1], 1), fill)
 
@@ -238,6 +241,7 @@ def moa_attention(
     region: torch.Tensor | None = None,
     on_qk: QKHook | None = None,
     personal_is_prior: bool = False,
+    r1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MoA layer: the prior's output [B, n, c] -> (mixed output [B, n, c], r1 [b, n, 1]).
 
@@ -245,11 +249,13 @@ def moa_attention(
     (x itself in self-attention). `rows` (long [b]) restricts the personal expert to those batch
     rows (None: all); `region` [n, 1] scales w per pixel. r1 is the router's, before strength and
     region, for every pixel of the rows that ran. `personal_is_prior`: the caller knows the two
-    experts compute the same function here; only the router runs.
+    experts compute the same function here; only the router runs. `r1` [B, n, 1]: the router's
+    weights, given by the caller (a router read from attention) instead of computed here.
     """
     if rows is not None:
         x, context, value = take_rows(rows, x, context, value)
-    r1 = router_weight(layer, x, mixing.router_mode)
+        r1 = None if r1 is None else r1[rows]
+    r1 = router_weight(layer, x, mixing.router_mode) if r1 is None else r1
     if personal_is_prior:
         return prior_out, r1
     w = personal_share(r1, mixing.strength, region)

@@ -88,7 +88,8 @@ class MoAApply:
                     ROUTER_MODES,
                     {
                         "default": RouterMode.LEARNED.value,
-                        "tooltip": "The learned per-pixel router, or one expert everywhere (for comparisons).",
+                        "tooltip": "The learned per-pixel router; 'from attention': each subject where the model "
+                        "draws its word (no training); or one expert everywhere (for comparisons).",
                     },
                 ),
                 "record_router_maps": (

@@ -11,6 +11,7 @@ from ...moa_core import RouterRecord, WeightsMismatchError, block_key
 from ...moa_core.attention_router import AttentionRouterConfig
 from ...moa_core.errors import ConditioningError
 from ...moa_core.ipadapter import IMAGE_EMBEDS, IPAdapter, encoder_name, layer_weights
+from .attention_router import read_level
 from .ipadapter_patch import IPLayerBinding, IPRuntime, fused_attention
 from .unet_layers import attention_modules, model_family
 
@@ -27,35 +28,6 @@ def convert_command() -> str:
 def cross_attention_paths(model: ModelPatcher) -> list[str]:
     """The model's cross-attention layer paths, UNet order."""
     return [path for path in attention_modules(model.model.diffusion_model) if path.endswith(".attn2")]
-
-
-def cross_attention_levels(model: ModelPatcher) -> dict[str, int]:
-    """Each cross-attention layer's UNet level: how many times the grid was halved before it."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
-
-    unet, levels, level = model.model.diffusion_model, {}, 0
-    paths = set(cross_attention_paths(model))
-
-    def mark(prefix: str, block) -> None:
-        for name, _ in block.named_modules():
-            if f"{prefix}.{name}.attn2" in paths:
-                levels[f"{prefix}.{name}.attn2"] = level
-
-    for i, block in enumerate(unet.input_blocks):
-        level += any(isinstance(m, Downsample) for m in block.modules())
-        mark(f"input_blocks.{i}", block)
-    mark("middle_block", unet.middle_block)
-    for i, block in enumerate(unet.output_blocks):
-        mark(f"output_blocks.{i}", block)
-        level -= any(isinstance(m, Upsample) for m in block.modules())
-    return levels
-
-
-def read_level(model: ModelPatcher, downscale: int) -> int:
-    """The level the attention router reads: the one at `downscale` (4: 16x16 at 512 px), or the
-    deepest level with cross-attention where the model has none that deep (small test models)."""
-    wanted = max(0, downscale.bit_length() - 1)
-    return min(wanted, max(cross_attention_levels(model).values()))
 
 
 def _order(paths: Sequence[str], rank: dict) -> list[str]:

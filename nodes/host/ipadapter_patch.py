@@ -18,22 +18,15 @@ from comfy.model_patcher import ModelPatcher
 from comfy.patcher_extension import WrappersMP
 
 from ...moa_core import MoAError, RouterRecord
-from ...moa_core.attention_router import (
-    AttentionRouterConfig,
-    RouterRun,
-    smoothed,
-    subject_masks,
-    subject_probabilities,
-    union,
-)
+from ...moa_core.attention_router import AttentionRouterConfig, RouterRun, subject_probabilities, union
 from ...moa_core.errors import ConditioningError
 from ...moa_core.helpers import like
 from ...moa_core.ipadapter import IPAdapter
 from ...moa_core.mixture import RouterMode, image_attention_difference, kept_pixels, mix_differences
+from .attention_router import begin_run, layer_masks, read_pixels, run_of
 from .patch import _MATERIALISING, _PLAIN_LINEAR, WRAPPER_KEY, _attention, _grid, _Shared, _weight_of, has_moa
 
 STEP_KEY = "moa_ipadapter_step"
-RUN_KEY = "moa_ipadapter_run"  # transformer_options of one sampling run: its RouterRun
 INPUT_KEY = "moa_ipadapter_input"
 ATTENTION = "from attention"
 ROUTER_MODES = (ATTENTION, RouterMode.PERSONAL.value, RouterMode.PRIOR.value)
@@ -83,8 +76,7 @@ class IPRuntime:
         sigma = None if sigmas is None else float(sigmas.reshape(-1)[0])  # the one host sync of a call
         if sigma is not None and not self.sigma_end <= sigma <= self.sigma_start:
             return None
-        run = transformer_options.get(RUN_KEY) or RouterRun()  # outside a sampler: this call alone
-        run.begin_call(sigma)
+        run = run_of(transformer_options, sigma)
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per_chunk = x.shape[0] // len(chunks)
         kinds = torch.tensor([kind for kind in chunks for _ in range(per_chunk)])
@@ -97,9 +89,6 @@ class IPRuntime:
             )
         copies = torch.arange(length // self.prompt_length) * self.prompt_length
         columns = [(torch.tensor(p)[None] + copies[:, None]).reshape(-1).to(x.device) for p in self.positions]
-        read_hw = tuple(x.shape[-2:])
-        for _ in range(self.read_level):  # stride-2 convolutions, odd sizes rounding up
-            read_hw = (-(-read_hw[0] // 2), -(-read_hw[1] // 2))
         acting = self.router_mode != ATTENTION or sigma is None or sigma <= self.sigma_warm
         record = self.record or self.subject_record
         recording = record is not None and sigma is not None and bool(record.sigmas)
@@ -108,7 +97,8 @@ class IPRuntime:
             latent_of_row=torch.arange(x.shape[0], device=x.device) % per_chunk,
             cond_rows=cond_rows,
             columns=columns,
-            read_pixels=read_hw[0] * read_hw[1],
+            latents=per_chunk,
+            read_pixels=read_pixels(tuple(x.shape[-2:]), self.read_level),
             acting=acting,
             run=run,
             step=record.step_of(sigma) if recording else None,
@@ -123,6 +113,7 @@ class IPStep:
     latent_of_row: torch.Tensor  # long [B]: which latent of the batch each row is (its cond row's index)
     cond_rows: torch.Tensor  # long [b]
     columns: list  # per subject: long [c] its token columns in the context
+    latents: int  # latents in the batch (rows per chunk)
     read_pixels: int  # pixel count of the layers the router reads
     acting: bool  # past the warm-up (or a router that needs none)
     run: RouterRun
@@ -202,14 +193,8 @@ class IPOutputPatch(_Shared):
     def _masks(self, step: IPStep, pixels: int, hw: tuple[int, int]) -> torch.Tensor | None:
         rt = self.runtime
         if rt.router_mode != ATTENTION:
-            return step.cond.new_ones((int(step.latent_of_row.max()) + 1, len(rt.positions), pixels), dtype=torch.float)
-        key = (pixels, step.run.version)
-        if key not in step.masks:
-            accumulated = step.run.accumulated()
-            if accumulated is None:
-                return None
-            step.masks[key] = subject_masks(smoothed(accumulated, rt.router.blur), hw, rt.router)
-        return step.masks[key]
+            return torch.ones(step.latents, len(rt.positions), pixels, device=step.cond.device)
+        return layer_masks(step.run, step.masks, pixels, hw, rt.router)
 
     def _tokens(self, weight: torch.Tensor, cond: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Image keys or values [s, b, t, inner] for rows whose kind is `cond` (bool [b])."""
@@ -246,8 +231,7 @@ class IPStepWrapper(_Shared):
 
 
 class IPRunWrapper(_Shared):
-    """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record and RouterRun. The run's
-    model_options are the guider's copy for this run, so what goes in them leaves with the run."""
+    """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record and RouterRun."""
 
     def __init__(self, *records: RouterRecord | None) -> None:
         self.records = [r for r in records if r is not None]
@@ -255,9 +239,7 @@ class IPRunWrapper(_Shared):
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         for record in self.records:
             record.begin_run(sigmas.reshape(-1).tolist())
-        options = getattr(executor.class_obj, "model_options", None)
-        if options is not None:
-            options.setdefault("transformer_options", {})[RUN_KEY] = RouterRun()
+        begin_run(executor.class_obj)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 

@@ -46,10 +46,12 @@ from ...moa_core import (
     subject_attention,
     subject_tokens,
 )
+from ...moa_core.attention_router import AttentionRouterConfig, RouterRun, subject_probabilities, union
 from ...moa_core.errors import OptionsError
 from ...moa_core.helpers import seq_to_hw
 from ...moa_core.mixture import Mixing, WeightOf, called_weight
 from ...moa_core.region import check_region, region_at, region_levels
+from .attention_router import begin_run, layer_masks, read_level, read_pixels, run_of
 from .unet_layers import attention_modules, check_weights_fit
 
 STEP_KEY = "moa_step"
@@ -84,6 +86,7 @@ class MoAOptions:
     personal_rows: str = "all"  # "all" rows, or "cond": uncond rows keep the prior
     sparse_threshold: float = DEFAULT_SPARSE_THRESHOLD  # 0: the personal expert runs at every pixel
     region: torch.Tensor | None = field(default=None, compare=False)  # [H, W] in [0, 1], scales r1
+    attention_router: AttentionRouterConfig = field(default_factory=AttentionRouterConfig)  # RouterMode.ATTENTION
 
     def __post_init__(self) -> None:
         if self.personal_rows not in PERSONAL_ROWS:
@@ -117,12 +120,33 @@ class MoAStep:
     fused: dict = field(default_factory=dict, compare=False, repr=False)
     """id(context) -> (context, its fuse_subjects): filled by the first cross-attention layer
     that reads a context; the others (usually every one) reuse it."""
+    reading: "AttentionReading | None" = None  # RouterMode.ATTENTION: where r1 comes from
 
     def fused_subjects(self, context: torch.Tensor, fuser: Fuser) -> torch.Tensor:
         hit = self.fused.get(id(context))
         if hit is None or hit[0] is not context:
             hit = self.fused[id(context)] = (context, fuse_subjects(context, self.tokens, fuser))
         return hit[1]
+
+
+@dataclass(frozen=True)
+class AttentionReading:
+    """RouterMode.ATTENTION in one model call: r1 is the union of the subjects' attention masks."""
+
+    run: RouterRun  # this sampling run's maps (not the patch's: clones share patch objects)
+    acting: bool  # past the warm-up; before it every layer is the prior
+    read_pixels: int  # pixel count of the layers whose cross-attention is read
+    cond_rows: torch.Tensor  # long [b]
+    latent_of_row: torch.Tensor  # long [B]: the latent (cond row index) each row belongs to
+    columns: list  # per subject: long [c] its token columns in the context
+    masks: dict = field(default_factory=dict, compare=False, repr=False)  # layer_masks' cache
+
+    def r1(self, runtime: "MoARuntime", pixels: int, hw: tuple[int, int]) -> torch.Tensor | None:
+        """r1 [B, n, 1] at a layer of `pixels`; None while the router does not act (the prior)."""
+        if not self.acting:
+            return None
+        masks = layer_masks(self.run, self.masks, pixels, hw, runtime.options.attention_router)
+        return None if masks is None else union(masks)[self.latent_of_row][..., None]
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,8 @@ class MoARuntime:
     fused_attention: bool  # the personal expert runs attention_pytorch; see _MATERIALISING
     same_as_prior: frozenset[int]  # MoA layers whose deltas are zero (personal expert == prior)
     record: RouterRecord | None = None
+    read_level: int = 2  # RouterMode.ATTENTION: the UNet level it reads (2: 16x16 at 512 px)
+    sigma_warm: float = 0.0  # RouterMode.ATTENTION acts at sigmas at or below this
 
     def plan_step(
         self, x: torch.Tensor, timesteps: torch.Tensor | None, context: torch.Tensor, transformer_options: dict
@@ -171,7 +197,23 @@ class MoARuntime:
         step = self.record.step_of(sigma) if recording else None
         region = self.options.region
         regions = None if region is None else region_levels(region, tuple(x.shape[-2:]), x.device, x.dtype)
-        return MoAStep(rows, record_rows, tokens, step, regions)
+        reading = None
+        if self.options.router_mode is RouterMode.ATTENTION:
+            reading = self._reading(x, cond_rows, per_chunk, tokens, sigma, transformer_options)
+        return MoAStep(rows, record_rows, tokens, step, regions, reading=reading)
+
+    def _reading(self, x, cond_rows, per_chunk, tokens: SubjectTokens, sigma, transformer_options) -> AttentionReading:
+        first = tokens.rows == (cond_rows[0] if cond_rows.numel() else -1)  # every cond row has the same words
+        subjects = self.prompt.image_embeds.shape[1]
+        columns = [tokens.tokens[first & (tokens.subjects == i)] for i in range(subjects)]
+        return AttentionReading(
+            run=run_of(transformer_options, sigma),
+            acting=sigma is None or sigma <= self.sigma_warm,
+            read_pixels=read_pixels(tuple(x.shape[-2:]), self.read_level),
+            cond_rows=cond_rows,
+            latent_of_row=torch.arange(x.shape[0], device=x.device) % per_chunk,
+            columns=columns,
+        )
 
 
 class _Shared:
@@ -220,6 +262,11 @@ class MoAOutputPatch(_Shared):
         rt = self.runtime
         heads = extra_options["n_heads"]
         same_as_prior = layer_index in rt.same_as_prior
+        r1 = None
+        if step.reading is not None:
+            r1 = self._attention_r1(step.reading, x, context, heads, rt.prior[layer_index], extra_options)
+            if r1 is None:
+                return n
         if self.cross:
             subjects = step.fused_subjects(context, rt.weights.fuser)
             fused = personal_context(context, step.tokens, subjects, rt.weights.cross_index[layer_index])
@@ -238,7 +285,7 @@ class MoAOutputPatch(_Shared):
         mixing = rt.mixing if probe is None else rt.training_mixing  # training reads every pixel
         out, r1 = moa_attention(
             n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index], attention,
-            mixing, step.rows, region, on_qk, same_as_prior,
+            mixing, step.rows, region, on_qk, same_as_prior, r1,
         )  # fmt: skip
         if probe is not None:
             probe.tokens = step.tokens
@@ -248,6 +295,16 @@ class MoAOutputPatch(_Shared):
             hw = _grid(r1.shape[1], extra_options)
             rt.record.add(step.step, layer_index, r1[step.record_rows, :, 0].reshape(-1, *hw))
         return out
+
+    def _attention_r1(self, reading: AttentionReading, x, context, heads, prior: PriorProjections, extra_options):
+        """Read the subject words' attention where this is a read layer, then r1 from what was read."""
+        hw = _grid(x.shape[1], extra_options)
+        if self.cross and x.shape[1] == reading.read_pixels and reading.cond_rows.numel():
+            # the prior's own attention to the plain text: where the base model draws each word
+            q, k = prior.q(x[reading.cond_rows]), prior.k(context[reading.cond_rows])
+            maps = subject_probabilities(q, k, heads, reading.columns)
+            reading.run.add(maps.view(*maps.shape[:2], *hw))
+        return reading.r1(self.runtime, x.shape[1], hw)
 
 
 def _attention(q, k, v, heads: int, options: dict, fused: bool):
@@ -288,13 +345,18 @@ class MoAStepWrapper(_Shared):
 
 
 class MoARunWrapper(_Shared):
-    """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record."""
+    """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record (and, for a router read
+    from attention, a fresh RouterRun)."""
 
-    def __init__(self, record: RouterRecord) -> None:
+    def __init__(self, record: RouterRecord | None, attention: bool = False) -> None:
         self.record = record
+        self.attention = attention
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        self.record.begin_run(sigmas.reshape(-1).tolist())
+        if self.record is not None:
+            self.record.begin_run(sigmas.reshape(-1).tolist())
+        if self.attention:
+            begin_run(executor.class_obj)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 
@@ -347,6 +409,10 @@ def apply_moa(
             i for i, layer in enumerate(weights.layers) if weights_fixed and layer.personal_is_prior()
         ),
         record=record,
+        read_level=read_level(model, options.attention_router.downscale),
+        sigma_warm=sampling.percent_to_sigma(
+            options.start_percent + options.attention_router.warmup * (options.end_percent - options.start_percent)
+        ),
     )
     patched = model.clone()
     patched.set_model_attn1_patch(MoAInputPatch(runtime, cross=False))
@@ -354,8 +420,9 @@ def apply_moa(
     patched.set_model_attn1_output_patch(MoAOutputPatch(runtime, cross=False))
     patched.set_model_attn2_output_patch(MoAOutputPatch(runtime, cross=True))
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, MoAStepWrapper(runtime))
-    if record is not None:
-        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, MoARunWrapper(record))
+    attention = options.router_mode is RouterMode.ATTENTION
+    if record is not None or attention:
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, MoARunWrapper(record, attention))
     return patched
 
 

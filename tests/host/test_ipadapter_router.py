@@ -109,3 +109,34 @@ def test_a_second_run_starts_from_nothing_the_first_left(looking, conds):
     assert torch.equal(first, second)
     third = sample(patched.clone(), *conds, steps=STEPS)
     assert torch.equal(first, third)
+
+
+def test_the_attention_router_drives_trained_moa_weights_too(looking, conds, trained):
+    """RouterMode.ATTENTION with MoA weights: r1 is the union of the subjects' masks, recorded like
+    a learned router's; before the warm-up every layer is the prior, and runs do not leak."""
+    from comfyui_moa.moa_core import PersonalPrompt, RouterMode
+    from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
+    from moa_testing.tiny import model_patcher
+
+    embeds = torch.randn(2, 768, generator=torch.Generator().manual_seed(3))
+    prompt = PersonalPrompt.single(77, list(WORDS), [0, 1], embeds)
+    router = AttentionRouterConfig(downscale=2, warmup=0.0)
+    record = RouterRecord(trained.paths)
+    options = MoAOptions(router_mode=RouterMode.ATTENTION, attention_router=router, sparse_threshold=0.0)
+    patched = apply_moa(looking, model_patcher(trained), prompt, options, record)
+    out = sample(patched, *conds, steps=STEPS)
+    base = sample(looking, *conds, steps=STEPS)
+    assert (out - base).abs().max() > 1e-3
+    assert torch.equal(sample(patched, *conds, steps=STEPS), out)
+    middle = trained.paths.index("middle_block.1.transformer_blocks.0.attn2")
+    r1 = record.get(STEPS - 1, middle).float()[0]
+    both = (region_mask(0, (16, 16)) + region_mask(1, (16, 16))) > 0.5
+    print(f"attention router with MoA weights: IoU of r1 > 0.5 with both regions {iou(r1 > 0.5, both):.2f}")
+    assert iou(r1 > 0.5, both) > 0.6
+    self_attention = trained.paths.index("middle_block.1.transformer_blocks.0.attn1")
+    # self-attention layers follow the same maps (read up to the layer before: attn1 runs before attn2)
+    assert iou(record.get(STEPS - 1, self_attention).float()[0] > 0.5, both) > 0.6
+    # one step, at sigma 14.6: before the warm-up (90 % of the schedule)
+    warming = MoAOptions(router_mode=RouterMode.ATTENTION, attention_router=AttentionRouterConfig(warmup=0.9))
+    warm_patched = apply_moa(looking, model_patcher(trained), prompt, warming)
+    assert torch.equal(sample(warm_patched, *conds, steps=1), sample(looking, *conds, steps=1))

@@ -160,7 +160,9 @@ def test_untrained_layer_gives_prior_bit_for_bit_whatever_the_router(attention, 
     perturb(layer.router, seed=3)  # a router far from its init; the deltas stay zero
     prior_out = host_attention(lin, attention(HEADS), x, context)
     args = (x, context, context, prior_of(lin), layer, attention(HEADS))
-    out, _ = moa_attention(prior_out, *args, Mixing(router_mode=mode))
+    # a router read from attention gives its r1 from outside
+    r1 = torch.rand(x.shape[0], x.shape[1], 1) if mode is RouterMode.ATTENTION else None
+    out, _ = moa_attention(prior_out, *args, Mixing(router_mode=mode), r1=r1)
     assert torch.equal(out, prior_out)
 
 
