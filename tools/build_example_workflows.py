@@ -18,6 +18,8 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 CLIP_VISION = "clip-vit-large-patch14.safetensors"
 MOA = "moa_sd15.safetensors"
 CONTROLNET = "control_v11p_sd15_openpose.safetensors"
+CLIP_VISION_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"  # the encoder of every SD1.5 IP-Adapter
+IPADAPTER = "ip-adapter-plus-face_sd15.safetensors"
 NEGATIVE = "blurry, lowres, deformed, watermark, text"
 SAMPLER = {"seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
 # Columns of the layout, left to right, 360 px apart so that 320 px wide nodes never overlap.
@@ -211,12 +213,71 @@ def swap(info: dict) -> dict:
     return g.to_json()
 
 
+def ipadapter_base(g: Graph) -> dict:
+    """Checkpoint, CLIP ViT-H, InsightFace, the IP-Adapter, negative prompt, latent."""
+    parts = base_without_moa(g, CLIP_VISION_H)
+    parts["ipadapter"] = g.add("MoAIPAdapterLoader", (0, 420), ipadapter_name=IPADAPTER)
+    return parts
+
+
+def base_without_moa(g: Graph, clip_vision: str) -> dict:
+    parts = {
+        "checkpoint": g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT),
+        "clip_vision": g.add("CLIPVisionLoader", (0, 160), clip_name=clip_vision),
+        "faces": g.add("MoAInsightFaceLoader", (0, 280), model_pack="antelopev2", provider="CPU"),
+        "negative": g.add("CLIPTextEncode", (LOADERS, 580), title="Negative prompt", text=NEGATIVE),
+        "latent": g.add("EmptyLatentImage", (LOADERS, 760), width=512, height=512, batch_size=1),
+    }
+    g.connect(parts["checkpoint"], "CLIP", parts["negative"], "clip")
+    return parts
+
+
+def ipadapter_apply(g: Graph, parts: dict, subjects: dict, text: str, words: str, y: int = 0) -> dict:
+    node = g.add("MoAIPAdapterApply", (APPLY, y), text=text, subject_words=words, weight=0.8)
+    g.connect(parts["checkpoint"], "MODEL", node, "model")
+    g.connect(parts["ipadapter"], "ipadapter", node, "ipadapter")
+    g.connect(parts["checkpoint"], "CLIP", node, "clip")
+    g.connect(subjects, "subjects", node, "subjects")
+    g.connect(parts["clip_vision"], "CLIP_VISION", node, "clip_vision")
+    return node
+
+
+def ipadapter_two_people(info: dict) -> dict:
+    """Two people from two photos, no masks: the router reads where the model draws "man" and "woman"."""
+    g = Graph(info)
+    parts = ipadapter_base(g)
+    first = subject(g, parts, "moa_subject_man.png", 0)
+    second = subject(g, parts, "moa_subject_woman.png", ROW, previous=first)
+    node = ipadapter_apply(g, parts, second, "a man and a woman having coffee in a cafe, photo", "man, woman")
+    sample_and_show(g, parts, node, prefix="MoA_IPAdapter")
+    return g.to_json()
+
+
+def ipadapter_controlnet(info: dict) -> dict:
+    g = Graph(info)
+    parts = ipadapter_base(g)
+    person = subject(g, parts, "moa_subject_man.png", 0)
+    node = ipadapter_apply(g, parts, person, "a photo of a man doing yoga on a beach", "man")
+    loader = g.add("ControlNetLoader", (PHOTOS, ROW), control_net_name=CONTROLNET)
+    pose = g.add("LoadImage", (SUBJECTS, ROW), title="Pose image", image="moa_pose.png")
+    control = g.add("ControlNetApplyAdvanced", (APPLY, ROW), strength=0.8, start_percent=0.0, end_percent=1.0)
+    g.connect(node, "positive", control, "positive")
+    g.connect(parts["negative"], "CONDITIONING", control, "negative")
+    g.connect(loader, "CONTROL_NET", control, "control_net")
+    g.connect(pose, "IMAGE", control, "image")
+    conds = ((control, "positive"), (control, "negative"))
+    sample_and_show(g, parts, node, conds=conds, prefix="MoA_IPAdapter_pose")
+    return g.to_json()
+
+
 EXAMPLES = {
     "moa_one_subject": one_subject,
     "moa_two_subjects": two_subjects,
     "moa_controlnet_pose": controlnet,
     "moa_subject_morph": morph,
     "moa_subject_swap_fixed_seed": swap,
+    "moa_ipadapter_two_people": ipadapter_two_people,
+    "moa_ipadapter_controlnet_pose": ipadapter_controlnet,
 }
 
 

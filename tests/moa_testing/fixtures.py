@@ -76,3 +76,20 @@ def moa_weights_file(model_files_dir: Path, sd15_checkpoint_file: Path) -> Itera
     yield from _written(
         write_moa_weights(model_files_dir / "moa" / "moa_test_sd15.safetensors", model, seed=7, fuser_std=1.0)
     )
+
+
+@pytest.fixture(scope="session")
+def clip_vision_vith_file(model_files_dir: Path) -> Iterator[Path]:
+    """clip_vision/moa_test_vith.safetensors: a random CLIP ViT-H/14, the encoder of SD1.5's IP-Adapters (1.26 GB)."""
+    from moa_testing.ipadapter_files import write_clip_vision_vith
+
+    yield from _written(write_clip_vision_vith(model_files_dir / "clip_vision" / "moa_test_vith.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def ipadapter_plus_face_file(model_files_dir: Path, sd15_checkpoint_file: Path) -> Iterator[Path]:
+    """ipadapter/moa_test_plus_face.safetensors: an ip-adapter-plus-face layout for sd15_checkpoint_file's UNet."""
+    from moa_testing.ipadapter_files import write_ipadapter_for_checkpoint
+
+    path = model_files_dir / "ipadapter" / "moa_test_plus_face.safetensors"
+    yield from _written(write_ipadapter_for_checkpoint(path, sd15_checkpoint_file))

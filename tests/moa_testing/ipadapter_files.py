@@ -101,3 +101,26 @@ def write(state_dict: dict, path: str | Path, pickle: bool = False) -> Path:
 
         save_file(tensors, str(path))
     return path
+
+
+def write_clip_vision_vith(path: str | Path, seed: int = 3) -> Path:
+    """A random CLIP ViT-H/14 vision model (32 layers, hidden 1280, projection 1024, 224 px) that
+    `comfy.clip_vision.load` recognises as ViT-H (it tells the encoders apart by their layer count,
+    so a smaller stand-in would load as something else): ComfyUI's own config and key names, fp16,
+    1.26 GB. Its `encode_image` gives image_embeds [n, 1024] and penultimate hidden states [n, 257, 1280]."""
+    import comfy.clip_vision
+
+    from moa_testing.model_files import _save_fp16, init_weights_
+
+    json_config = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")
+    encoder = comfy.clip_vision.ClipVisionModel(str(json_config))
+    init_weights_(encoder.model, seed)
+    return _save_fp16(encoder.get_sd(), path)
+
+
+def write_ipadapter_for_checkpoint(path: str | Path, checkpoint: str | Path, kind: str = "plus", seed: int = 4) -> Path:
+    """An IP-Adapter file of `kind` (real key names; layer widths of the checkpoint's UNet), fp16."""
+    import comfy.sd
+
+    model = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)[0]
+    return write(state_dict_for(model, kind, seed=seed, std=0.2), path)

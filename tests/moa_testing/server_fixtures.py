@@ -18,6 +18,8 @@ MODEL_NAMES = {
     "clip_vision/clip-vit-large-patch14.safetensors": "clip_vision_vitl_file",
     "moa/moa_sd15.safetensors": "moa_weights_file",
     "controlnet/control_v11p_sd15_openpose.safetensors": "sd15_controlnet_file",
+    "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision_vith_file",
+    "ipadapter/ip-adapter-plus-face_sd15.safetensors": "ipadapter_plus_face_file",
 }
 
 
