@@ -16,7 +16,7 @@ from .errors import (
 from .fuser import Fuser, FuserConfig
 from .ipadapter import IPAdapter, IPAdapterSpec, load_ipadapter
 from .layer import Delta, MoALayer
-from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss
+from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss, router_subject_loss
 from .mixture import (
     Mixing,
     PriorProjections,
@@ -81,6 +81,7 @@ __all__ = [
     "prior_map",
     "read_config",
     "router_loss",
+    "router_subject_loss",
     "save_weights",
     "subject_attention",
     "subject_tokens",

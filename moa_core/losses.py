@@ -83,6 +83,25 @@ def router_loss(
     return masked_mean((1.0 - prior) ** 2, background).mean()
 
 
+def router_subject_loss(
+    r1: Sequence[torch.Tensor],
+    grids: Sequence[tuple[int, int]],
+    mask: torch.Tensor,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """The router loss's other half, ||M ⊙ R||²: subject pixels pushed to the personal expert.
+
+    Not in the paper, which leaves the subject free. The small world measured why it is needed:
+    with the background term alone the routers learn a constant (the prior's weight near 1 on
+    subject and background alike, docs/small-world.md), because the personal expert starts as
+    a copy of the prior and so gives the diffusion loss no reason to route to it. Per sample,
+    the mean of R^2 over subject pixels (weighted by M), then the batch mean (samples without a
+    subject add 0)."""
+    prior = prior_map(r1, grids, size)
+    subject = resize_mask(mask, tuple(prior.shape[-2:]))
+    return masked_mean(prior**2, subject).mean()
+
+
 def object_loss(
     attention: Sequence[torch.Tensor],
     grids: Sequence[tuple[int, int]],

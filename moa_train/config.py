@@ -61,6 +61,7 @@ class MoASettings:
 @dataclass(frozen=True)
 class LossSettings:
     router_weight: float = 1.0
+    router_subject_weight: float = 0.0  # ||M * R||^2 (not in the paper): subject pixels to the personal expert
     object_weight: float = 1e-3
     router_layers: tuple[str, ...] = ("all",)  # "all", or UNet layer paths
     object_layers: tuple[str, ...] = ("fastcomposer",)  # "fastcomposer", "all", or attn2 layer paths
@@ -214,7 +215,7 @@ def _validate(config: TrainConfig) -> None:
     _check(0.0 < m.prior_init < 1.0, "[moa] prior_init", "must lie strictly between 0 and 1")
     _check(m.router_hidden_ratio > 0, "[moa] router_hidden_ratio", "must be positive")
     _check(m.fuser_hidden_dim >= 0 and m.fuser_cond_dim > 0, "[moa] fuser_*", "widths must be positive")
-    for name in ("router_weight", "object_weight"):
+    for name in ("router_weight", "router_subject_weight", "object_weight"):
         _check(getattr(loss, name) >= 0, f"[loss] {name}", "must be 0 or more")
     _check(bool(loss.router_layers), "[loss] router_layers", 'name layers or use ["all"]')
     _check(bool(loss.object_layers), "[loss] object_layers", 'name layers or use ["fastcomposer"] or ["all"]')

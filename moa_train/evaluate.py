@@ -14,7 +14,7 @@ from .data import open_layout
 from .models import Models, training_model
 from .samples import CaptionBinder, TrainingSamples, collate
 
-METRICS = ("masked_diffusion", "router", "object", "prior_background", "prior_subject")
+METRICS = ("masked_diffusion", "router", "router_subject", "object", "prior_background", "prior_subject")
 
 
 @torch.no_grad()

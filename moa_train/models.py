@@ -172,7 +172,8 @@ def loss_plan(config: TrainConfig, weights: MoAWeights) -> LossPlan:
     objects = _select(names, paths, cross, "object_layers")
     if any(i not in cross for i in objects):
         raise ConfigError("[loss] object_layers: the object loss reads cross-attention (attn2) layers only")
-    return LossPlan(router, objects, config.loss.router_weight, config.loss.object_weight)
+    loss = config.loss
+    return LossPlan(router, objects, loss.router_weight, loss.object_weight, loss.router_subject_weight)
 
 
 def _select(names: tuple[str, ...], paths: list[str], everything: list[int], setting: str) -> tuple[int, ...]:
@@ -219,6 +220,7 @@ def training_facts(config: TrainConfig, models: Models, steps: int, global_batch
         "vision_layers_trained": optim.vision_layers,
         "loss": {
             "router_weight": loss.router_weight,
+            "router_subject_weight": loss.router_subject_weight,
             "object_weight": loss.object_weight,
             "router_layers": list(loss.router_layers),
             "object_layers": list(loss.object_layers),

@@ -36,7 +36,7 @@ from .state import (
 from .step import TrainingModel
 
 logger = logging.getLogger(__name__)
-LOGGED = ("loss", "masked_diffusion", "router", "object", "prior_background", "prior_subject")
+LOGGED = ("loss", "masked_diffusion", "router", "router_subject", "object", "prior_background", "prior_subject")
 """What a step reports: its losses and the mean prior weight r0 on background and subject pixels."""
 
 

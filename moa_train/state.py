@@ -21,8 +21,8 @@ from torch import nn
 from comfyui_moa.moa_core.errors import ConfigError
 
 FORMAT = "comfyui-moa-train-state"
-FIELDS = ("step", "loss", "masked_diffusion", "router", "object", "prior_background", "prior_subject", "grad_norm",
-          "skipped")  # fmt: skip
+FIELDS = ("step", "loss", "masked_diffusion", "router", "router_subject", "object", "prior_background",
+          "prior_subject", "grad_norm", "skipped")  # fmt: skip
 VERSION = 1
 
 

@@ -24,6 +24,7 @@ from comfyui_moa.moa_core import (
     object_loss,
     prior_map,
     router_loss,
+    router_subject_loss,
 )
 from comfyui_moa.moa_core.losses import masked_mean, resize_mask
 from comfyui_moa.nodes.host.patch import PROBE_KEY, PROMPT_KEY
@@ -47,6 +48,7 @@ class LossPlan:
     object_layers: tuple[int, ...]  # cross-attention layer indices the object loss reads
     router_weight: float
     object_weight: float
+    router_subject_weight: float = 0.0
 
 
 def training_options(model: Any, prompt: PersonalPrompt, probe: TrainingProbe, sigma: torch.Tensor) -> dict:
@@ -153,12 +155,18 @@ class TrainingModel(nn.Module):
         r1 = [probe.router[i] for i in plan.router_layers]
         grids = [probe.grids[i] for i in plan.router_layers]
         router = router_loss(r1, grids, union)
+        router_subject = router_subject_loss(r1, grids, union)
         rows = probe.tokens.rows  # every row is a cond row: batch rows are prompt rows
         token_masks = batch.masks[rows, probe.tokens.subjects]
         layers = sorted(probe.attention_layers)
         attention, grids_obj = [probe.attention[i] for i in layers], [probe.grids[i] for i in layers]
         obj = object_loss(attention, grids_obj, token_masks, rows, prediction.shape[0]).to(masked)
-        loss = masked + plan.router_weight * router + plan.object_weight * obj
+        loss = (
+            masked
+            + plan.router_weight * router
+            + plan.router_subject_weight * router_subject
+            + plan.object_weight * obj
+        )
         with torch.no_grad():
             prior = prior_map(r1, grids)
             subject = resize_mask(union, tuple(prior.shape[-2:]))
@@ -170,5 +178,6 @@ class TrainingModel(nn.Module):
             "loss": loss,
             "masked_diffusion": masked.detach(),
             "router": router.detach(),
+            "router_subject": router_subject.detach(),
             "object": obj.detach(),
         } | metrics

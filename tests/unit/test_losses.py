@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from comfyui_moa.moa_core import masked_diffusion_loss, object_loss, prior_map, router_loss
+from comfyui_moa.moa_core import masked_diffusion_loss, object_loss, prior_map, router_loss, router_subject_loss
 from comfyui_moa.moa_core.losses import resize_mask
 
 EXACT = {"atol": 1e-6, "rtol": 0}  # sums of a few float32 values
@@ -81,6 +81,15 @@ def test_router_loss_gradient_reaches_the_router_weights_of_background_pixels_on
     router_loss([r1], [(2, 2)], mask).backward()
     # d/dr1 of r1^2 / 3 = 2 r1 / 3 on the background, 0 on the subject
     torch.testing.assert_close(r1.grad[0, :, 0], torch.tensor([0.2, 0.4, 0.6, 0.0]) / 3, **EXACT)
+
+
+def test_router_subject_loss_is_the_mean_over_subject_pixels_of_the_squared_prior_weight():
+    r1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]])[..., None]
+    mask = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]]).expand(2, -1, -1).clone()
+    mask[1] = 0.0  # sample 1 has no subject: it adds 0
+    # sample 0: subject pixels have R = 0.7, 0.6
+    expected = torch.tensor((0.7**2 + 0.6**2) / 2 / 2)
+    torch.testing.assert_close(router_subject_loss([r1], [(2, 2)], mask), expected, **EXACT)
 
 
 def test_object_loss_is_attention_outside_minus_inside_the_subject():
