@@ -3,6 +3,7 @@
 import comfy.utils
 
 from ..moa_core import MoAError
+from ..moa_core.record import KEPT_RUNS
 from ..moa_core.render import grid, heatmap, overlay
 from ..moa_core.unet_layout import LAYER_GROUPS, layers_in_group
 from .host import viewer
@@ -13,10 +14,11 @@ GRID_TILE = 64
 
 class MoARouterMasks:
     DESCRIPTION = (
-        "Shows where the router sent each pixel during the last sampling run: bright where the personal expert "
-        "painted (the subject), dark where the frozen prior did. Averages the chosen layers and steps; the grid "
-        "shows every layer (rows) at every step (columns). Connect the sampler's LATENT so it runs after sampling. "
-        "After a run, the viewer on the node scrubs through the steps and layer groups without running again."
+        "Shows where the router sent each pixel during the sampling run that made the latent: bright where "
+        "the personal expert painted (the subject), dark where the frozen prior did. Averages the chosen "
+        "layers and steps; the grid shows every layer (rows) at every step (columns). Connect the sampler's "
+        "LATENT so it runs after sampling and reads that run's maps. After a run, the viewer on the node "
+        "scrubs through the steps and layer groups without running again."
     )
     CATEGORY = "MoA"
     RETURN_TYPES = ("IMAGE", "MASK", "IMAGE")
@@ -57,6 +59,14 @@ class MoARouterMasks:
                 "MoARouterMasks.router_record: no sampler has run with this MoA model; connect MoA Apply's model "
                 "output to the sampler whose LATENT feeds this node"
             )
+        run = router_record.of_samples(latent["samples"])
+        if run is None:
+            raise MoAError(
+                "MoARouterMasks.latent: no finished sampling run of this MoA model made these samples (maps of "
+                f"interrupted runs, and of runs before the last {KEPT_RUNS}, are not kept); connect the LATENT "
+                "output of the sampler that used MoA Apply's model, unchanged, and queue again"
+            )
+        router_record = run
         chosen = layers_in_group(router_record.layer_paths, layers)
         steps = list(range(len(router_record.sigmas) - 1))
         first = round(start_percent * (len(steps) - 1))

@@ -357,7 +357,10 @@ class MoARunWrapper(_Shared):
             self.record.begin_run(sigmas.reshape(-1).tolist())
         if self.attention:
             begin_run(executor.class_obj)
-        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        if self.record is not None:
+            self.record.end_run(samples)  # not reached when the run is interrupted: its maps are never read
+        return samples
 
 
 def has_moa(model: ModelPatcher) -> bool:

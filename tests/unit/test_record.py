@@ -110,3 +110,40 @@ def test_stack_keeps_the_first_rows_of_the_batch():
 def test_stack_needs_a_step_and_a_layer():
     with pytest.raises(ValueError, match="at least one step and one layer"):
         RouterRecord(PATHS).stack((4, 4), layers=[], steps=[0], batch=1)
+
+
+def one_run(record: RouterRecord, value: float, seed: int) -> torch.Tensor:
+    """A finished run whose maps are all `value`; returns the samples it 'produced'."""
+    record.begin_run(SIGMAS)
+    record.add(0, 0, constant(value))
+    samples = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    record.end_run(samples)
+    return samples
+
+
+def test_each_finished_run_is_found_by_its_own_samples_even_after_later_runs():
+    record = RouterRecord(PATHS)
+    first, second = one_run(record, 0.25, seed=1), one_run(record, 0.75, seed=2)
+    assert record.of_samples(first).get(0, 0).unique().item() == 0.25
+    assert record.of_samples(second).get(0, 0).unique().item() == 0.75
+    # as ComfyUI may hand them on: cast to half precision
+    assert record.of_samples(first.half()).get(0, 0).unique().item() == 0.25
+
+
+def test_samples_of_no_finished_run_find_nothing_not_the_latest_maps():
+    record = RouterRecord(PATHS)
+    finished = one_run(record, 0.25, seed=1)
+    record.begin_run(SIGMAS)  # a run that is interrupted: never ended
+    record.add(0, 0, constant(0.9))
+    assert record.of_samples(torch.randn(2, 4, 8, 8)) is None
+    assert record.of_samples(finished[:1]) is None  # another shape
+    assert record.of_samples(finished).get(0, 0).unique().item() == 0.25
+
+
+def test_only_the_last_kept_runs_stay_findable():
+    from comfyui_moa.moa_core.record import KEPT_RUNS
+
+    record = RouterRecord(PATHS)
+    samples = [one_run(record, i / 100, seed=i) for i in range(KEPT_RUNS + 2)]
+    assert record.of_samples(samples[0]) is None and record.of_samples(samples[1]) is None
+    assert all(record.of_samples(s) is not None for s in samples[2:])
