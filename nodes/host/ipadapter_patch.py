@@ -240,7 +240,10 @@ class IPRunWrapper(_Shared):
         for record in self.records:
             record.begin_run(sigmas.reshape(-1).tolist())
         begin_run(executor.class_obj)
-        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        for record in self.records:
+            record.end_run(samples)  # MoA Router Masks finds this run's maps by its samples
+        return samples
 
 
 def apply_ipadapter(model: ModelPatcher, runtime: IPRuntime, input_name: str) -> ModelPatcher:
