@@ -16,7 +16,9 @@ one 224 px image, plus the fuser of every cross-attention layer).
 Modes are "+"-joined tokens: dense (every pixel), cond (uncond rows keep the prior),
 sparse=T (threshold T), strength=S, r64 (rank-64 deltas), default (MoAOptions() as the node
 runs it), host-kernel (the personal expert on ComfyUI's own attention kernel even where the
-patch would pick fused SDPA); "base" is the model without MoA.
+patch would pick fused SDPA); "base" is the model without MoA. IP-Adapter modes start with
+"ipadapter" (bench_ipadapter.py: the expert with the attention router, +everywhere, +weight=W,
++reference for IP-Adapter's own cost); --modes ipadapter-set gives them all beside base.
 """
 
 import argparse
@@ -40,6 +42,7 @@ DEFAULT_MODES = (
     "r64+sparse=0.01,sparse=0.01+host-kernel"
 )
 """dense+strength=0.95 is there for its deviation: what one step of the strength slider changes."""
+IPADAPTER_MODES = "base,ipadapter+reference,ipadapter,ipadapter+everywhere,ipadapter+weight=0"
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,17 @@ class Mode:
     rank: int | None  # None: the base model; 0: full-rank deltas
     options: dict = field(default_factory=dict)  # MoAOptions fields
     host_kernel: bool = False  # the personal expert on the host's attention kernel
+    ipadapter: frozenset = frozenset()  # an IP-Adapter mode's flags (bench_ipadapter.py); rank is then -1
 
 
 def parse_mode(spec: str) -> Mode:
     """ "r64+cond+sparse=0.05" -> Mode(rank 64, personal_rows "cond", sparse_threshold 0.05)."""
     if spec == "base":
         return Mode(spec, None)
+    if spec.startswith("ipadapter"):
+        flags = frozenset(spec.split("+")[1:])
+        return Mode(spec, -1, {"weight": float(next((f[7:] for f in flags if f.startswith("weight=")), 1.0))},
+                    ipadapter=flags | {"ipadapter"})  # fmt: skip
     rank, options, host_kernel = 0, {"sparse_threshold": 0.0}, False
     for token in spec.split("+"):
         if token == "dense":
@@ -134,6 +142,11 @@ def build_variants(base, modes: list[Mode], region, prompt, seed: int) -> dict:
         if mode.rank is None:
             variants[mode.name] = (base, None)
             continue
+        if mode.ipadapter:
+            import bench_ipadapter
+
+            variants[mode.name] = bench_ipadapter.variant(base, set(mode.ipadapter), mode.options["weight"])
+            continue
         if mode.rank not in weights:
             weights[mode.rank] = bench_setup.weights_patcher(bench_setup.random_moa(base, mode.rank, seed))
         record = RouterRecord(weights[mode.rank].model.paths)  # MoA Apply records by default
@@ -194,7 +207,8 @@ def run_size(base, variants: dict, size: int, args, conds, dense: set[str]) -> d
         if name in dense:
             results[name].again = sample_once(model, size, 1, args.seed, conds).float()
         if record is not None:
-            results[name].kept = kept_fraction(counts)
+            # IP-Adapter experts multiply by to_out's matrix without calling it: no count to read
+            results[name].kept = None if name.startswith("ipadapter") else kept_fraction(counts)
             results[name].maps_bytes = sum(r.numel() * r.element_size() for r in record._maps.values())
 
     def timed(name: str) -> float:
@@ -407,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_setup.use_host(args.attention)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = {spec: parse_mode(spec) for spec in args.modes.split(",")}
+    specs = IPADAPTER_MODES if args.modes == "ipadapter-set" else args.modes
+    modes = {spec: parse_mode(spec) for spec in specs.split(",")}
     tiny = args.model == "tiny"
     base = bench_setup.build_unet(bench_setup.TINY_UNET if tiny else bench_setup.SD15_UNET)
     positive, negative, prompt = bench_setup.conditioning()
@@ -425,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         results = run_size(base, variants, size, args, conds, {n for n, m in modes.items() if is_dense(m)})
         emit(table(size, modes, results))
+        if any(m.ipadapter for m in modes.values()):
+            import bench_ipadapter
+
+            emit(bench_ipadapter.ratios(size, list(modes), results))
         maps[size] = max((r.maps_bytes for r in results.values()), default=0)
         if args.profile:
             for name, (model, _) in variants.items():
