@@ -29,7 +29,10 @@ class MoASubject:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "Reference photo(s) of the subject; any size, RGB, RGBA or grey."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 from the CLIPVisionLoader."}),
+                "clip_vision": (
+                    "CLIP_VISION",
+                    {"tooltip": "From the CLIPVisionLoader: CLIP ViT-L/14 for MoA weights, ViT-H/14 for IP-Adapters."},
+                ),
                 "faces": (
                     [LARGEST, EVERY],
                     {
