@@ -7,6 +7,7 @@ from .ipadapter import MoAIPAdapterApply, MoAIPAdapterLoader
 from .loaders import MoAInsightFaceLoader, MoALoader
 from .router_masks import MoARouterMasks
 from .subjects import MoASubject, MoASubjectBlend
+from .world import MoAWorldLoader
 
 folders.register()
 
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "MoAInitWeights": MoAInitWeights,
     "MoAIPAdapterLoader": MoAIPAdapterLoader,
     "MoAIPAdapterApply": MoAIPAdapterApply,
+    "MoAWorldLoader": MoAWorldLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,4 +34,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoAInitWeights": "MoA Init Weights",
     "MoAIPAdapterLoader": "MoA IP-Adapter Loader",
     "MoAIPAdapterApply": "MoA IP-Adapter Apply",
+    "MoAWorldLoader": "MoA World Loader",
 }

@@ -70,3 +70,21 @@ def test_load_world_names_what_is_wrong_with_a_folder(tmp_path, world_folder):
     (tmp_path / "world.json").write_text('{"format": "moa-world", "version": 99}')
     with pytest.raises(ValueError, match="v99"):
         M.load_world(tmp_path)
+
+
+def test_the_world_loader_node_lists_cached_worlds_and_loads_one_as_comfy_types(world_folder, monkeypatch):
+    from comfyui_moa.moa_core import MoAError
+    from comfyui_moa.nodes import NODE_CLASS_MAPPINGS
+    from comfyui_moa.nodes import world as world_node
+
+    monkeypatch.setattr(world_node, "CACHE", world_folder.parent)
+    node = NODE_CLASS_MAPPINGS["MoAWorldLoader"]
+    choices = node.INPUT_TYPES()["required"]["world"][0]
+    assert choices[0] == world_node.SHIPPED and world_folder.name in choices
+    model, clip, vae, vision = node.load(world_folder.name)
+    assert model.model.model_config.unet_config["in_channels"] == 12
+    assert clip.encode_from_tokens(clip.tokenize("a dog")).shape == (1, 77, 32)
+    assert vae.decode(vae.encode(torch.zeros(1, 32, 32, 3))).shape == (1, 32, 32, 3)
+    assert vision.encode_image(torch.rand(1, 32, 32, 3))["image_embeds"].shape == (1, 64)
+    with pytest.raises(MoAError, match="MoAWorldLoader.world"):
+        node.load("no such world")
