@@ -85,7 +85,9 @@ def test_expert_with_the_router_sending_every_pixel_to_it_is_ip_adapters_publish
 def test_where_the_experts_get_no_weight_the_output_is_the_base_models_bit_for_bit(base_model, conds, options):
     adapter = adapter_for(base_model, "plus")
     patched = with_adapter(base_model, adapter, subjects(2), positions=((3,), (6,)), **options)
-    assert torch.equal(sample(patched, *conds, steps=STEPS), sample(base_model, *conds, steps=STEPS))
+    # warming up: one step, at sigma 14.6 (a 3-step schedule's last sigma, 0.03, is already past 99 %)
+    steps = 1 if "router" in options else STEPS
+    assert torch.equal(sample(patched, *conds, steps=steps), sample(base_model, *conds, steps=steps))
 
 
 def test_self_attention_stays_the_prior_and_only_cross_attention_is_patched(base_model):

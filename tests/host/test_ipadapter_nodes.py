@@ -134,10 +134,11 @@ def test_subjects_in_their_places_change_the_image_and_weight_zero_is_the_base_m
     negative = text_cond(9)
     patched, positive, record = apply(model, adapter, clip, subjects, clip_vision=vit_h, router_warmup=0.0)
     base = sample(model, positive, negative, steps=4)
-    assert (sample(patched, positive, negative, steps=4) - base).abs().max() > 1e-3
+    samples = sample(patched, positive, negative, steps=4)
+    assert (samples - base).abs().max() > 1e-3
     assert record.runs == 1 and record.steps() and set(record.layers()) <= set(range(len(record.layer_paths)))
     monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
-    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+    latent = {"samples": samples}  # the sampler's LATENT: Router Masks reads the run that made it
     shown = NODES["MoARouterMasks"].render(record, latent, "cross-attention", 0.0, 1.0)
     _, mask, _ = shown["result"]
     assert mask.shape == (1, 256, 256) and 0.0 <= float(mask.min()) <= float(mask.max()) <= 1.0
