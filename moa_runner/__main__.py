@@ -1,6 +1,8 @@
 """python -m moa_runner [WORKFLOW.json]: run a UI-format workflow headless and save its images.
 
 Without a workflow it runs the pack's basic example, example_workflows/moa_one_subject.json.
+`--demo` needs no model files: it runs the small world shipped in the repository (its prior, MoA
+weights trained on it and photos of two subjects it never saw) and writes prior-vs-MoA grids.
 """
 
 import argparse
@@ -17,11 +19,14 @@ if str(ROOT) not in sys.path:
 import moa_pack  # noqa: E402
 
 DEFAULT_WORKFLOW = ROOT / "example_workflows" / "moa_one_subject.json"
+DEMO_WORKFLOW = ROOT / "moa_world" / "workflows" / "moa_world_demo.json"  # to example_workflows/ once its files ship
+DEMO_PHOTOS = ROOT / "moa_world" / "assets" / "subjects"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moa_runner", description=__doc__.split("\n")[0])
-    p.add_argument("workflow", nargs="?", type=Path, default=DEFAULT_WORKFLOW, help="UI-format workflow JSON")
+    p.add_argument("workflow", nargs="?", type=Path, help="UI-format workflow JSON (default: the basic example)")
+    p.add_argument("--demo", action="store_true", help="run the small world shipped in the repo: no model files")
     p.add_argument("--server", help="URL of a running ComfyUI (default: start one from the ComfyUI found)")
     p.add_argument("--port", type=int, default=0, help="port for a started server (default: a free one)")
     p.add_argument("--out", type=Path, default=Path("moa_outputs"), help="folder for the output images")
@@ -40,6 +45,10 @@ def free_port() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.demo:
+        args.workflow = args.workflow or DEMO_WORKFLOW
+        args.image += [f"{photo.name}={photo}" for photo in sorted(DEMO_PHOTOS.glob("*.png"))]
+    args.workflow = args.workflow or DEFAULT_WORKFLOW
     moa_pack.load()
     server_mod = moa_pack.module("moa_runner.server")
     run = moa_pack.module("moa_runner.run")
@@ -79,11 +88,19 @@ def _run(server, workflow, args, run, workflow_mod) -> int:
     missing = run.missing_files(prompt, server.object_info())  # after uploads: they add to LoadImage's choices
     if missing:
         print("missing files; put them here and run again:\n  " + "\n  ".join(missing), file=sys.stderr)
+        if not args.demo:
+            print(
+                "no model files yet? `python -m moa_runner --demo` runs the small world shipped in the repo",
+                file=sys.stderr,
+            )
         return 1
     result = asyncio.run(run.run_prompt(server.url, prompt, args.out, args.timeout))
     print(f"done in {result.seconds:.1f} s; {len(result.images)} images in {args.out}/")
     for image in result.images:
         print(f"  {image}")
+    if args.demo:
+        grid = run.stack_rows(result.images, args.out / "prior_vs_moa.png")
+        print(f"prior (top), MoA (middle) and MoA's router masks (bottom) at the same seeds: {grid}")
     return 0
 
 

@@ -153,3 +153,27 @@ async def _download(session, url: str, outputs: dict, prompt: dict, out_dir: Pat
                 target.write_bytes(await response.read())
                 saved.append(target)
     return saved
+
+
+def stack_rows(images: list[Path], target: Path) -> Path:
+    """The demo's grid: its prior, MoA and router-mask images (by output title), one row each,
+    the images of a batch side by side."""
+    from PIL import Image
+
+    rows = []
+    for word in ("prior", "moa_", "router_masks"):
+        row = [Image.open(path).convert("RGB") for path in images if word in path.name]
+        if row:
+            rows.append(row)
+    width = max(sum(im.width for im in row) for row in rows)
+    height = sum(max(im.height for im in row) for row in rows)
+    grid = Image.new("RGB", (width, height), "white")
+    top = 0
+    for row in rows:
+        left = 0
+        for im in row:
+            grid.paste(im, (left, top))
+            left += im.width
+        top += max(im.height for im in row)
+    grid.save(target)
+    return target

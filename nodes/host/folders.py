@@ -13,6 +13,8 @@ import folder_paths
 MOA = "moa"
 INSIGHTFACE = "insightface"
 IPADAPTER = "ipadapter"
+SHIPPED_MOA = Path(__file__).resolve().parents[2] / "moa_world" / "assets" / "moa"
+"""The MoA weights trained on the small world's shipped prior (the demo's): listed in every ComfyUI."""
 
 
 def register() -> None:
@@ -24,6 +26,9 @@ def register() -> None:
             folder_paths.folder_names_and_paths[name] = (paths, extensions)
         else:
             folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], extensions)
+    moa_paths = folder_paths.folder_names_and_paths[MOA][0]
+    if SHIPPED_MOA.is_dir() and str(SHIPPED_MOA) not in moa_paths:
+        moa_paths.append(str(SHIPPED_MOA))  # after the user's folders: their files come first
 
 
 def insightface_root() -> Path:
