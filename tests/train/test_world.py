@@ -1,0 +1,29 @@
+"""The small world's short run (issue 12): moa_train trains MoA briefly on the world's prior, and on
+held-out scenes the routers send the background to the prior and the subjects to the personal
+expert (the failure the tiny-model proof showed for some seeds was a constant router).
+
+The prior is the one shipped in the repository (moa_world/assets/prior), else the cached seed-0
+world; without either the test says how to build one and skips."""
+
+import pytest
+
+from moa_testing.world import SHORT_STEPS, held_out_router, short_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """MoA weights of the short run (run and data seed 0) and the world's models (one thread: conftest)."""
+    return short_run(tmp_path_factory.mktemp("world_moa"), seed=0)
+
+
+def test_routers_learn_the_subject_on_held_out_scenes(trained):
+    # NOT yet from a spread over seeds (issue 12 item 8 asks for one): two runs only, r0 background/subject
+    # 0.72/0.27 (300-step prior, 200 steps) and 0.69/0.32 (seed-0 prior, step 100 of 150); thresholds below both
+    router = held_out_router(trained)
+    assert router["prior_background"] > BACKGROUND_FLOOR
+    assert router["prior_subject"] < router["prior_background"] - SEPARATION
+
+
+BACKGROUND_FLOOR = 0.6
+SEPARATION = 0.2
+assert SHORT_STEPS <= 200  # a few minutes on 2 cores
