@@ -20,15 +20,14 @@ class ShortRun:
 
 
 def shipped_world() -> Path:
-    """The shipped prior, else the cached seed-0 world; a skip that says how to get one."""
-    from comfyui_moa.moa_world.build import SHIPPED, world_folder
+    """The prior shipped in the repository; a skip that says how to write it. (Not the cache: the seed-0
+    prior cached by `python -m moa_world build` does not yet sample scenes, docs/small-world.md, so a
+    run on it would set no threshold worth keeping.)"""
+    from comfyui_moa.moa_world.build import SHIPPED
 
-    if (SHIPPED / "world.json").is_file():
-        return SHIPPED
-    try:
-        return world_folder(0, build=False)
-    except ValueError as e:
-        pytest.skip(f"no small world: {e}; or write the shipped one with `python -m moa_world ship`")
+    if not (SHIPPED / "world.json").is_file():
+        pytest.skip(f"no shipped small world at {SHIPPED}; run `python -m moa_world ship` once a prior samples")
+    return SHIPPED
 
 
 def short_run(tmp: Path, seed: int = 0) -> ShortRun:

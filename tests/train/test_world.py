@@ -2,8 +2,8 @@
 held-out scenes the routers send the background to the prior and the subjects to the personal
 expert (the failure the tiny-model proof showed for some seeds was a constant router).
 
-The prior is the one shipped in the repository (moa_world/assets/prior), else the cached seed-0
-world; without either the test says how to build one and skips."""
+The prior is the one shipped in the repository (moa_world/assets/prior); until it is written the test
+says how to write it and skips."""
 
 import pytest
 
