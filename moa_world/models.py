@@ -3,11 +3,11 @@
 Call `moa_pack.use_host(cpu=...)` before importing this module (it imports comfy).
 
 - UNet: `WorldSD15`, a `comfy.supported_models.SD15` subclass (so the pack's model_family() says
-  "sd15"; ComfyUI's EPS discrete schedule, SD1.5's betas) whose latent format has 12 channels at
-  scale 1. `UNET_CONFIG`: model_channels 64, channel_mult [1, 2, 2] on the 16x16 latent (levels
+  "sd15"; ComfyUI's discrete schedule, SD1.5's betas, v-prediction) whose latent format has 12
+  channels. `UNET_CONFIG`: model_channels 32, channel_mult [1, 2, 2] on the 16x16 latent (levels
   16, 8, 4), one res block a level, spatial transformers (self + cross attention) at 16x16 and
   8x8 down and up (input blocks 1, 2; output blocks 2-5) and in the middle (4x4): 7 blocks,
-  14 attention layers, context_dim 32, 8 heads.
+  14 attention layers, context_dim 32, heads of 16 channels.
 - Text: ComfyUI's SD1 tokenizer and `comfy.sd1_clip.SD1ClipModel` around a 2-layer CLIP text
   model of hidden size 32 (`CLIP_CONFIG`), random and frozen (embedding N(0, 1), so the final
   layer norm's output carries each word); context [b, 77, 32].
@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import comfy.clip_vision
 import comfy.latent_formats
+import comfy.model_base
 import comfy.model_management as mm
 import comfy.sd
 import comfy.sd1_clip
@@ -42,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "moa-world"
-VERSION = 1
+VERSION = 2  # 2: the UNet predicts v
 LATENT_CHANNELS = 12
 
 UNET_CONFIG = {
@@ -104,19 +105,25 @@ VISION_CONFIG = {
 
 
 class WorldLatent(comfy.latent_formats.LatentFormat):
-    """The world's latent: 12 channels (a 2x2 pixel unshuffle of RGB in [-1, 1]) at scale 1."""
+    """The world's latent: 12 channels (a 2x2 pixel unshuffle of RGB in [-1, 1]), scaled to about
+    unit variance (the scenes' std is about 0.66)."""
 
     latent_channels = LATENT_CHANNELS
-    scale_factor = 1.0
+    scale_factor = 1.5
 
 
 class WorldSD15(comfy.supported_models.SD15):
-    """SD1.5's model config (EPS, its schedule) with the world's latent format."""
+    """SD1.5's model config and schedule with the world's latent format, predicting v (as SD2's
+    768-v models do): a 1.5 M-parameter eps model learns nothing about x0 at high noise (its x0
+    there is x_t - sigma * eps, every output error times sigma), so it cannot draw from noise."""
 
     latent_format = WorldLatent
     memory_usage_factor = 0.05
     # heads of 16 channels (SD1.5's 8 heads would be 4 channels each here, and 4x the softmax work)
     unet_extra_config: ClassVar[dict] = {"num_heads": -1, "num_head_channels": 16}
+
+    def model_type(self, state_dict: dict, prefix: str = "") -> Any:
+        return comfy.model_base.ModelType.V_PREDICTION
 
     def inpaint_model(self) -> bool:
         return False  # ComfyUI takes a UNet of more than 4 input channels for an inpainting one

@@ -1,4 +1,4 @@
-"""Training the world's prior: DDPM's eps loss through ComfyUI's own model call, on generic scenes.
+"""Training the world's prior: the v loss through ComfyUI's own model call, on generic scenes.
 
 Call `moa_pack.use_host(cpu=...)` before importing this module.
 
@@ -9,10 +9,11 @@ EMA of the trained weights, the text encoder the frozen random one, the subject 
 the same seed, step count and thread count give the same weights.
 
 Each step: `batch` generic scenes (scenes.generic_scenes' distribution: 0-2 subjects, 0-2 objects)
--> WorldVAE latents -> x_t = x0 + sigma * eps at a uniform discrete timestep of ComfyUI's EPS
-schedule -> `model.apply_model` (the call ComfyUI's sampler makes) -> eps = (x_t - denoised) / sigma
--> mse against eps. The caption is "" with probability `uncond_prob` (ComfyUI's CFG negative is
-the empty prompt's encoding). AdamW, linear warm-up then cosine decay to a tenth.
+-> WorldVAE latents -> x_t = x0 + sigma * eps at a uniform discrete timestep of SD1.5's schedule
+-> `model.apply_model` (the call ComfyUI's sampler makes; the world's UNet predicts v) -> denoised
+-> the v error, |x0 - denoised|^2 (sigma^2 + 1) / sigma^2. The caption is "" with probability
+`uncond_prob` (ComfyUI's CFG negative is the empty prompt's encoding). AdamW, linear warm-up then
+cosine decay to a tenth.
 """
 
 import hashlib
@@ -85,6 +86,12 @@ class CaptionCache:
         return torch.stack([self.cache[c] for c in captions])
 
 
+def v_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """[b, 1, 1, 1]: the factor that makes the x0 error the v error, |v - v'|^2 = |x0 - x0'|^2 (sigma^2 + 1) / sigma^2
+    (ComfyUI's V_PREDICTION, sigma_data 1)."""
+    return ((sigma**2 + 1) / sigma**2).view(-1, 1, 1, 1)
+
+
 def _lr_factor(step: int, recipe: PriorRecipe) -> float:
     if step < recipe.warmup:
         return (step + 1) / recipe.warmup
@@ -99,7 +106,7 @@ def train_prior(folder: str | Path, recipe: PriorRecipe, progress_file: Path | N
     model = unet.model
     model.train()
     ema = [p.detach().clone() for p in model.diffusion_model.parameters()]
-    params = list(model.diffusion_model.parameters())
+    params = list(model.diffusion_model.requires_grad_(True).parameters())  # newer comfy.ops make them frozen
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sampling = unet.get_model_object("model_sampling")
     captions = CaptionCache(clip)
@@ -118,7 +125,7 @@ def train_prior(folder: str | Path, recipe: PriorRecipe, progress_file: Path | N
         noise = torch.randn(x0.shape, generator=generator)
         noisy = sampling.noise_scaling(sigma, noise, x0)
         denoised = model.apply_model(noisy, sigma, c_crossattn=captions(texts))
-        loss = (((noisy - denoised) / sigma.view(-1, 1, 1, 1) - noise) ** 2).mean()
+        loss = (((denoised - x0) ** 2) * v_weight(sigma)).mean()
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * _lr_factor(step, recipe)
         optimizer.zero_grad(set_to_none=True)
