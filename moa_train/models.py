@@ -36,7 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Models:
     """The frozen host models. `model_name`/`vision_name` go into the weights' training facts."""
 
-    model: Any  # comfy ModelPatcher of an SD1.5 (EPS) model
+    model: Any  # comfy ModelPatcher of an SD1.5-family (eps or v) model
     clip: Any  # comfy.sd.CLIP
     vae: Any  # comfy.sd.VAE
     vision: Any  # comfy.clip_vision.ClipVisionModel
@@ -132,9 +132,12 @@ def training_model(
     """The module a step runs: the host frozen, `weights` (and the chosen CLIP-vision layers)
     trainable, the model patched by the nodes' apply_moa. Also returns the weights' ModelPatcher."""
     check_resolution(config, models)
+    # the step's loss is in eps, (x_t - denoised) / sigma, which holds wherever x_t = x0 + sigma * eps and
+    # the UNet sees x_t / sqrt(sigma^2 + 1): EPS and V_PREDICTION (SD1.5, SD2-v, the small world), not flow models
     sampling = type(models.model.get_model_object("model_sampling"))
-    if sampling.calculate_denoised is not comfy.model_sampling.EPS.calculate_denoised:  # v-prediction subclasses EPS
-        raise ConfigError("[model] checkpoint: MoA trains on noise-predicting (EPS) models such as SD1.5")
+    eps = comfy.model_sampling.EPS
+    if sampling.noise_scaling is not eps.noise_scaling or sampling.calculate_input is not eps.calculate_input:
+        raise ConfigError("[model] checkpoint: MoA trains on eps- or v-predicting models (SD1.5), not flow models")
     for module in (models.model.model, models.clip.cond_stage_model, models.vae.first_stage_model, models.vision.model):
         module.requires_grad_(False)
     weights = weights.to(device)

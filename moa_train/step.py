@@ -137,7 +137,7 @@ class TrainingModel(nn.Module):
         options = training_options(frozen.model, prompt, probe, sigma)
         with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             denoised = frozen.model.model.apply_model(noisy, sigma, c_crossattn=context, transformer_options=options)
-        prediction = (noisy - denoised.float()) / sigma.view(-1, 1, 1, 1)  # EPS: denoised = x - sigma * eps
+        prediction = (noisy - denoised.float()) / sigma.view(-1, 1, 1, 1)  # eps, whatever the model predicts
         return self._losses(prediction, noise, batch, probe)
 
     def _subject_embeds(self, batch: Batch) -> torch.Tensor:

@@ -6,6 +6,8 @@
   its cache folder).
 - `encoder DIR [--seed 0]`: train the subject encoder of the world in DIR (rewrites DIR).
 - `judges`: train (when absent) and report the judges on real images.
+- `quality [--world DIR] [--count 64]`: the judges on the prior's samples against real scenes of the
+  same prompts (background, subject words, object classes).
 - `ship [--source DIR]`: write the fp16 copy of the seed-0 world (or DIR) to moa_world/assets/prior.
 - `folder ROOT [--count 2000] [--seed 1]`: generic scenes in moa_train's folder layout.
 - `evaluate ...`, `demo-weights ...`: the evaluation and the demo's MoA weights (evaluate.py, demo.py).
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     encoder.add_argument("--seed", type=int, default=0)
     encoder.add_argument("--steps", type=int, default=None)
     commands.add_parser("judges", help="train (when absent) and report the judges")
+    quality = commands.add_parser("quality", help="the judges on the prior's samples against real scenes")
+    quality.add_argument("--world", type=Path, default=None, help="default: the seed-0 world (built when absent)")
+    quality.add_argument("--count", type=int, default=64, help="prompts, one sample each")
     ship = commands.add_parser("ship", help="write the fp16 world into moa_world/assets/prior")
     ship.add_argument("--source", type=Path, default=None, help="default: the seed-0 world (built when absent)")
     folder = commands.add_parser("folder", help="write generic scenes in moa_train's folder layout")
@@ -50,21 +55,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_host() -> None:
+    moa_pack.use_host(cpu=True)
+    import comfy.cli_args
+
+    # torch's fused attention: about 3x faster here than ComfyUI's CPU default (sub-quadratic)
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if argv and argv[0] in HANDED_OVER:
+        _use_host()
         return moa_pack.module(HANDED_OVER[argv[0]]).main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "folder":
         keys = moa_pack.module("moa_world.scenes").write_folder(args.root, args.count, args.seed, args.two_subjects)
         print(f"wrote {len(keys)} scenes to {args.root}")
         return 0
-    moa_pack.use_host(cpu=True)
-    import comfy.cli_args
-
-    # torch's fused attention: about 3x faster here than ComfyUI's CPU default (sub-quadratic)
-    comfy.cli_args.args.use_pytorch_cross_attention = True
+    _use_host()
     build = moa_pack.module("moa_world.build")
     train = moa_pack.module("moa_world.train")
     if args.command == "prior":
@@ -81,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = build.judges_folder()
         print(folder)
         print(json.dumps(json.loads((folder / "judges.json").read_text())["report"], indent=1))
+    elif args.command == "quality":
+        world = moa_pack.module("moa_world.models").load_world(args.world or build.world_folder(0))
+        judges = moa_pack.module("moa_world.judges").Judges.load(build.judges_folder())
+        report, _ = moa_pack.module("moa_world.quality").prior_quality(world, judges, args.count)
+        print(json.dumps(report, indent=1))
     elif args.command == "build":
         print(f"world: {build.world_folder(args.seed, progress_file=args.progress)}")
         print(f"judges: {build.judges_folder()}")
