@@ -2,8 +2,7 @@
 
 Without a workflow it runs the pack's basic example, example_workflows/moa_one_subject.json.
 `--demo` needs no model files: it runs the small world shipped in the repository (its prior, MoA
-weights trained on it and photos of two subjects it never saw) and writes prior-vs-MoA grids. Until
-those files are written (`python -m moa_world ship` and `demo-weights`, docs/small-world.md) it says so.
+weights trained on it and photos of two subjects it never saw) and writes prior-vs-MoA grids.
 """
 
 import argparse
@@ -20,7 +19,7 @@ if str(ROOT) not in sys.path:
 import moa_pack  # noqa: E402
 
 DEFAULT_WORKFLOW = ROOT / "example_workflows" / "moa_one_subject.json"
-DEMO_WORKFLOW = ROOT / "moa_world" / "workflows" / "moa_world_demo.json"  # to example_workflows/ once its files ship
+DEMO_WORKFLOW = ROOT / "moa_world" / "workflows" / "moa_world_demo.json"
 DEMO_PHOTOS = ROOT / "moa_world" / "assets" / "subjects"
 DEMO_FILES = (ROOT / "moa_world" / "assets" / "prior" / "world.json", ROOT / "moa_world" / "assets" / "moa")
 
@@ -53,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.demo and not demo_ready():
         print(
-            "the small world's files are not in this checkout yet (its prior does not sample scenes so far; "
-            "docs/small-world.md): nothing to demo",
+            "the small world's files are missing from moa_world/assets; `python -m moa_world build`, `... ship` "
+            "and `... demo-weights` rewrite them (docs/small-world.md)",
             file=sys.stderr,
         )
         return 1

@@ -109,3 +109,16 @@ def test_the_runner_reports_the_failing_node(comfy_server, tmp_path):
     done = runner("--server", comfy_server.url, "--out", str(tmp_path), "--set", 'MoAApply.subject_words="dog"')
     assert done.returncode == 1
     assert "'dog' is not in the prompt" in done.stderr
+
+
+def test_the_demo_runs_the_shipped_small_world_with_no_model_files(tmp_path):
+    # as a newcomer runs it: the runner starts its own server from the host it finds
+    done = runner("--demo", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    prior, moa, masks = (sorted(tmp_path.glob(f"*_{kind}_*.png")) for kind in ("prior", "moa", "router_masks"))
+    assert len(prior) == len(moa) == len(masks) == 4
+    assert (tmp_path / "prior_vs_moa.png").is_file()
+    for prior_image, moa_image, mask_image in zip(prior, moa, masks, strict=True):
+        assert np.abs(pixels(moa_image) - pixels(prior_image)).mean() > 0.02  # MoA painted something
+        mask = pixels(mask_image).mean(-1)
+        assert mask.max() - mask.min() > 0.5  # the router sent some pixels to each expert

@@ -2,8 +2,7 @@
 held-out scenes the routers send the background to the prior and the subjects to the personal
 expert (the failure the tiny-model proof showed for some seeds was a constant router).
 
-The prior is the one shipped in the repository (moa_world/assets/prior); until it is written the test
-says how to write it and skips."""
+The prior is the one shipped in the repository (moa_world/assets/prior)."""
 
 import pytest
 
@@ -17,13 +16,13 @@ def trained(tmp_path_factory):
 
 
 def test_routers_learn_the_subject_on_held_out_scenes(trained):
-    # NOT yet from a spread over seeds (issue 12 item 8 asks for one): two runs only, r0 background/subject
-    # 0.72/0.27 (300-step prior, 200 steps) and 0.69/0.32 (seed-0 prior, step 100 of 150); thresholds below both
+    # shipped prior, runs of seeds 0-3: r0 background 0.675-0.703 (sd 0.012), subject 0.279-0.310 (sd 0.013),
+    # background - subject 0.371-0.424; the floors sit about 6 sd and 5 sd below the worst run
     router = held_out_router(trained)
     assert router["prior_background"] > BACKGROUND_FLOOR
     assert router["prior_subject"] < router["prior_background"] - SEPARATION
 
 
 BACKGROUND_FLOOR = 0.6
-SEPARATION = 0.2
+SEPARATION = 0.25
 assert SHORT_STEPS <= 200  # a few minutes on 2 cores
