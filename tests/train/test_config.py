@@ -90,3 +90,27 @@ def test_loss_layers_that_the_model_lacks_or_that_are_not_cross_attention_are_er
     missing = TrainConfig().replace("loss", router_layers=("output_blocks.11.1.transformer_blocks.0.attn1",))
     with pytest.raises(ConfigError, match="is not an attention layer of this model"):
         loss_plan(missing, weights)
+
+
+@pytest.mark.parametrize("kind", ["V_PREDICTION", "CONST"])
+def test_the_trainer_takes_v_predicting_models_and_refuses_flow_models(models, data_dirs, tmp_path, kind):
+    import comfy.model_sampling as sampling
+    import torch
+
+    from moa_testing.training import proof_settings
+    from moa_train.config import TrainConfig
+    from moa_train.models import build_weights, training_model
+
+    base = sampling.ModelSamplingDiscreteFlow if kind == "CONST" else sampling.ModelSamplingDiscrete
+    model_sampling = type("Sampling", (base, getattr(sampling, kind)), {})(models.model.model.model_config)
+    patched = models.model.clone()
+    patched.add_object_patch("model_sampling", model_sampling)
+    other = dataclasses.replace(models, model=patched)
+    config = TrainConfig.from_dict(proof_settings(data_dirs[0], tmp_path))
+    weights = build_weights(config, other)
+    if kind == "CONST":
+        with pytest.raises(ConfigError, match=r"\[model\] checkpoint: .* not flow models"):
+            training_model(config, other, weights, torch.device("cpu"))
+    else:
+        step, _ = training_model(config, other, weights, torch.device("cpu"))
+        assert step.frozen.model.get_model_object("model_sampling") is model_sampling
