@@ -209,7 +209,8 @@ def run_size(base, variants: dict, size: int, args, conds, dense: set[str]) -> d
         if record is not None:
             # IP-Adapter experts multiply by to_out's matrix without calling it: no count to read
             results[name].kept = None if name.startswith("ipadapter") else kept_fraction(counts)
-            results[name].maps_bytes = sum(r.numel() * r.element_size() for r in record._maps.values())
+            maps = [record.get(step, layer) for step in record.steps() for layer in record.layers()]
+            results[name].maps_bytes = sum(m.numel() * m.element_size() for m in maps if m is not None)
 
     def timed(name: str) -> float:
         with PeakMemory(cuda) as peak:

@@ -18,7 +18,7 @@ class RouterRecord:
     The patch adds one map per (step, layer) as sampling goes; `begin_run` starts over, `end_run`
     files the run under the samples it produced, so a reader that holds a sampler's output finds
     that run's maps, never another's (an interrupted run is never filed). Maps stay on the device
-    they were made on (no sync while sampling) in half precision until read.
+    they were made on, as the patch made them (no sync, no operation while sampling), until read.
     """
 
     def __init__(self, layer_paths: Sequence[str]) -> None:
@@ -51,9 +51,13 @@ class RouterRecord:
                 return run
         return None
 
-    def add(self, step: int, layer: int, r1: torch.Tensor) -> None:
-        """Keep r1 [b, h, w] of `layer` (index into layer_paths) at sampling `step`."""
-        self._maps[(step, layer)] = r1.detach().to(torch.float16)
+    def add(
+        self, step: int, layer: int, r1: torch.Tensor, rows: torch.Tensor | None = None, hw: tuple | None = None
+    ) -> None:
+        """Keep r1 [b, h, w] of `layer` (index into layer_paths) at sampling `step`; or, with `rows` and
+        `hw`, r1 [B, h * w, 1] of every batch row, of which the map is rows `rows`. The map is cut out and
+        cast when it is read: while sampling, keeping it launches no operation."""
+        self._maps[(step, layer)] = (r1.detach() if r1.requires_grad else r1, rows, hw)
 
     def step_of(self, sigma: float) -> int:
         """Index of the schedule sigma closest to `sigma`."""
@@ -66,7 +70,14 @@ class RouterRecord:
         return sorted({layer for _, layer in self._maps})
 
     def get(self, step: int, layer: int) -> torch.Tensor | None:
-        return self._maps.get((step, layer))
+        """The map [b, h, w] (float16) of `layer` at `step`, or None."""
+        kept = self._maps.get((step, layer))
+        if kept is None:
+            return None
+        r1, rows, hw = kept
+        if rows is not None:
+            r1 = r1[rows, :, 0].reshape(-1, *hw)
+        return r1.to(torch.float16)
 
     def stack(
         self,
@@ -82,7 +93,7 @@ class RouterRecord:
         out = torch.zeros(len(steps), len(layers), batch, *size)
         for i, step in enumerate(steps):
             for j, layer in enumerate(layers):
-                r1 = self._maps.get((step, layer))
+                r1 = self.get(step, layer)
                 if r1 is not None:
                     resized = F.interpolate(r1.float().cpu()[:, None], size=size, mode="bilinear", align_corners=False)
                     out[i, j] = resized[:batch, 0]

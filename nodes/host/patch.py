@@ -15,10 +15,12 @@ only where w = r1 * strength * region passes it; the default), region (a mask sc
 whose deltas are zero skip the personal expert (it is the prior there), and where ComfyUI's
 attention builds the whole score matrix the personal expert runs fused SDPA (_MATERIALISING).
 On a GPU, where Python launching work is the bottleneck at SD1.5 sizes, the same mixture takes
-fewer operations (_compute_bound), and each model call runs the fuser once for all layers. On the
-CPU the personal q/k/v are one matmul each with the host's weight plus the delta: the weight is
-read only where the module's own forward would use that very tensor (_weight_of); every other
-host module, and every module on a GPU, where newer hosts stream weights at op time, is called.
+fewer operations (_compute_bound): each sampling run merges every layer's personal projections
+once (moa_core.merged; the host modules are called on the identity, so LoRA, casting and weight
+streaming apply as in any call; MergedRun, in the run's transformer_options, leaves with the
+run), and each model call runs the fuser once for all layers. On the CPU the personal q/k/v are
+one matmul each with the host's weight plus the delta: the weight is read only where the
+module's own forward would use that very tensor (_weight_of); every other host module is called.
 """
 
 from dataclasses import dataclass, field
@@ -49,6 +51,15 @@ from ...moa_core import (
 from ...moa_core.attention_router import AttentionRouterConfig, RouterRun, subject_probabilities, union
 from ...moa_core.errors import OptionsError
 from ...moa_core.helpers import seq_to_hw
+from ...moa_core.merged import (
+    CrossGroup,
+    HostWeights,
+    MergedLayer,
+    cross_groups,
+    merge_layer,
+    merged_moa_attention,
+    personal_keys_values,
+)
 from ...moa_core.mixture import Mixing, WeightOf, called_weight
 from ...moa_core.region import check_region, region_at, region_levels
 from .attention_router import begin_run, layer_masks, read_level, read_pixels, run_of
@@ -57,6 +68,7 @@ from .unet_layers import attention_modules, check_weights_fit
 STEP_KEY = "moa_step"
 PROMPT_KEY = "moa_prompt"  # transformer_options: a PersonalPrompt for this call (training batches)
 PROBE_KEY = "moa_probe"  # transformer_options: a TrainingProbe to fill during this call
+MERGED_KEY = "moa_merged"  # transformer_options of one sampling run: its MergedRun
 WRAPPER_KEY = "comfyui_moa"
 PERSONAL_ROWS = ("all", "cond")
 DEFAULT_SPARSE_THRESHOLD = 0.01
@@ -121,6 +133,28 @@ class MoAStep:
     """id(context) -> (context, its fuse_subjects): filled by the first cross-attention layer
     that reads a context; the others (usually every one) reuse it."""
     reading: "AttentionReading | None" = None  # RouterMode.ATTENTION: where r1 comes from
+    merged: "MergedRun | None" = field(default=None, compare=False, repr=False)
+    keys_values: dict = field(default_factory=dict, compare=False, repr=False)  # id(context) -> (context, by layer)
+    """This sampling run's merged layers; None where projections are not merged (the CPU,
+    training, a model called outside a sampler)."""
+
+    def personal_keys_values(
+        self, context: torch.Tensor, layer_index: int, runtime: "MoARuntime", x: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Layer `layer_index`'s personal keys and values [2, b, h, t, d] for `context`: every merged
+        cross-attention layer's at the first such call (moa_core.merged.personal_keys_values). None
+        for a context other than the call's first (another pack gave this layer its own): the
+        layer then builds its personal context itself."""
+        hit = self.keys_values.get(id(context))
+        if hit is None or hit[0] is not context:
+            if self.keys_values:
+                return None
+            subjects = self.fused_subjects(context, runtime.weights.fuser)
+            values = {}
+            for group in self.merged.cross_groups(runtime, x):
+                values.update(personal_keys_values(context, self.tokens, subjects, group))
+            hit = self.keys_values[id(context)] = (context, values)
+        return hit[1].get(layer_index)
 
     def fused_subjects(self, context: torch.Tensor, fuser: Fuser) -> torch.Tensor:
         hit = self.fused.get(id(context))
@@ -169,6 +203,8 @@ class MoARuntime:
     record: RouterRecord | None = None
     read_level: int = 2  # RouterMode.ATTENTION: the UNet level it reads (2: 16x16 at 512 px)
     sigma_warm: float = 0.0  # RouterMode.ATTENTION acts at sigmas at or below this
+    merge_per_run: frozenset[int] = frozenset()  # MoA layers run with merged projections (moa_core.merged)
+    heads: tuple[int, ...] = ()  # each MoA layer's head count
 
     def plan_step(
         self, x: torch.Tensor, timesteps: torch.Tensor | None, context: torch.Tensor, transformer_options: dict
@@ -200,7 +236,8 @@ class MoARuntime:
         reading = None
         if self.options.router_mode is RouterMode.ATTENTION:
             reading = self._reading(x, cond_rows, per_chunk, tokens, sigma, transformer_options)
-        return MoAStep(rows, record_rows, tokens, step, regions, reading=reading)
+        merged = transformer_options.get(MERGED_KEY) if self.merge_per_run else None
+        return MoAStep(rows, record_rows, tokens, step, regions, reading=reading, merged=merged)
 
     def _reading(self, x, cond_rows, per_chunk, tokens: SubjectTokens, sigma, transformer_options) -> AttentionReading:
         first = tokens.rows == (cond_rows[0] if cond_rows.numel() else -1)  # every cond row has the same words
@@ -267,34 +304,63 @@ class MoAOutputPatch(_Shared):
             r1 = self._attention_r1(step.reading, x, context, heads, rt.prior[layer_index], extra_options)
             if r1 is None:
                 return n
+        probe: TrainingProbe | None = extra_options.get(PROBE_KEY)
+        region = None if step.regions is None else _region(step, rt.options, x, extra_options)
+        mixing = rt.mixing if probe is None else rt.training_mixing  # training reads every pixel
+        merged = None if probe is not None else self._merged(step, layer_index, x, context, value)
+        if merged is not None:
+            keys_values = None
+            if self.cross:
+                keys_values = step.personal_keys_values(context, layer_index, rt, x)
+                if keys_values is None:
+                    context = self._personal_context(step, context, layer_index)
+            attention = partial(_attention, heads=heads, options=extra_options, fused=rt.fused_attention, split=True)
+            out, r1 = merged_moa_attention(
+                n, x, context, merged, heads, attention, mixing, step.rows, region, r1, keys_values
+            )
+            return self._keep(step, probe, layer_index, r1, extra_options, out)
         if self.cross:
-            subjects = step.fused_subjects(context, rt.weights.fuser)
-            fused = personal_context(context, step.tokens, subjects, rt.weights.cross_index[layer_index])
+            fused = self._personal_context(step, context, layer_index)
             same_as_prior = same_as_prior and torch.equal(fused, context)
             value = fused if value is context else value
             context = fused
-        probe: TrainingProbe | None = extra_options.get(PROBE_KEY)
         on_qk = None
         if probe is not None and self.cross and layer_index in probe.attention_layers:
 
             def on_qk(q, k):
                 probe.attention[layer_index] = subject_attention(q, k, heads, step.tokens)
 
-        region = None if step.regions is None else _region(step, rt.options, x, extra_options)
         attention = partial(_attention, heads=heads, options=extra_options, fused=rt.fused_attention)
-        mixing = rt.mixing if probe is None else rt.training_mixing  # training reads every pixel
         out, r1 = moa_attention(
             n, x, context, value, rt.prior[layer_index], rt.weights.layers[layer_index], attention,
             mixing, step.rows, region, on_qk, same_as_prior, r1,
         )  # fmt: skip
+        return self._keep(step, probe, layer_index, r1, extra_options, out)
+
+    def _personal_context(self, step: "MoAStep", context: torch.Tensor, layer_index: int) -> torch.Tensor:
+        subjects = step.fused_subjects(context, self.runtime.weights.fuser)
+        return personal_context(context, step.tokens, subjects, self.runtime.weights.cross_index[layer_index])
+
+    def _keep(self, step: "MoAStep", probe, layer_index: int, r1, extra_options: dict, out):
+        """Hand r1 to the training probe and the router record; returns `out`."""
+        rt = self.runtime
         if probe is not None:
             probe.tokens = step.tokens
             probe.router[layer_index] = r1
             probe.grids[layer_index] = _grid(r1.shape[1], extra_options)
         if step.step is not None and step.record_rows.numel():
             hw = _grid(r1.shape[1], extra_options)
-            rt.record.add(step.step, layer_index, r1[step.record_rows, :, 0].reshape(-1, *hw))
+            rt.record.add(step.step, layer_index, r1, step.record_rows, hw)
         return out
+
+    def _merged(self, step: MoAStep, layer_index: int, x, context, value) -> MergedLayer | None:
+        """The run's MergedLayer for this layer (built by its first call), where it applies: merged
+        projections, and keys and values read from x (self-attention) or one context (cross)."""
+        if step.merged is None or layer_index not in self.runtime.merge_per_run or value is not context:
+            return None
+        if not self.cross and context is not x:  # another pack gave self-attention other keys
+            return None
+        return step.merged.layer(self.runtime, layer_index, x)
 
     def _attention_r1(self, reading: AttentionReading, x, context, heads, prior: PriorProjections, extra_options):
         """Read the subject words' attention where this is a read layer, then r1 from what was read."""
@@ -307,11 +373,26 @@ class MoAOutputPatch(_Shared):
         return reading.r1(self.runtime, x.shape[1], hw)
 
 
-def _attention(q, k, v, heads: int, options: dict, fused: bool):
+def _attention(q, k, v, heads: int, options: dict, fused: bool, split: bool = False):
     # Looked up per call: the backend the user picked applies to the personal expert too, and
-    # through transformer_options so does an override another node set.
+    # through transformer_options so does an override another node set. `split`: q, k, v and the
+    # output stay split into heads ([b, h, n, d]); every ComfyUI backend takes and gives them so.
     backend = host_attention.attention_pytorch if fused else host_attention.optimized_attention
-    return backend(q, k, v, heads, attn_precision=options.get("attn_precision"), transformer_options=options)
+    extra = {"skip_reshape": True, "skip_output_reshape": True} if split else {}
+    return backend(q, k, v, heads, attn_precision=options.get("attn_precision"), transformer_options=options, **extra)
+
+
+def _host_weights(prior: PriorProjections, query_dim: int, context_dim: int, inner_dim: int, x) -> HostWeights:
+    """The host layer's projections as matrices, by calling them (so LoRA, casting and weight
+    streaming apply, as in every call): a linear map's call on the identity is its x @ W matrix."""
+
+    def called(proj, features: int) -> torch.Tensor:
+        return proj(torch.eye(features, device=x.device, dtype=x.dtype))
+
+    bias = prior.out(x.new_zeros(1, inner_dim))
+    out = called(prior.out, inner_dim) - bias
+    q, k, v = called(prior.q, query_dim), called(prior.k, context_dim), called(prior.v, context_dim)
+    return HostWeights(q, k, v, out, bias[0])
 
 
 def _region(step: MoAStep, options: MoAOptions, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
@@ -344,19 +425,50 @@ class MoAStepWrapper(_Shared):
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
+class MergedRun:
+    """One sampling run's MergedLayers by MoA layer index, each built by the layer's first call, and
+    its CrossGroups. An object, not a dict: ComfyUI copies the dicts in transformer_options at
+    every model call."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, MergedLayer] = {}
+        self.groups: list[CrossGroup] | None = None
+
+    def layer(self, runtime: MoARuntime, index: int, x: torch.Tensor) -> MergedLayer:
+        merged = self.layers.get(index)
+        if merged is None:
+            spec = runtime.weights.config.layers[index]
+            host = _host_weights(runtime.prior[index], spec.query_dim, spec.context_dim, spec.inner_dim, x)
+            merged = self.layers[index] = merge_layer(runtime.weights.layers[index], host)
+        return merged
+
+    def cross_groups(self, runtime: MoARuntime, x: torch.Tensor) -> list[CrossGroup]:
+        if self.groups is None:
+            cross = [i for i in sorted(runtime.merge_per_run) if runtime.weights.config.layers[i].is_cross]
+            merged = {i: self.layer(runtime, i, x) for i in cross}
+            heads = {i: runtime.heads[i] for i in cross}
+            self.groups = cross_groups(merged, runtime.weights.cross_index, heads)
+        return self.groups
+
+
 class MoARunWrapper(_Shared):
     """OUTER_SAMPLE wrapper: each sampling run starts a fresh router record (and, for a router read
-    from attention, a fresh RouterRun)."""
+    from attention, a fresh RouterRun; with merged projections, a fresh store of them)."""
 
-    def __init__(self, record: RouterRecord | None, attention: bool = False) -> None:
+    def __init__(self, record: RouterRecord | None, attention: bool = False, merge: bool = False) -> None:
         self.record = record
         self.attention = attention
+        self.merge = merge
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         if self.record is not None:
             self.record.begin_run(sigmas.reshape(-1).tolist())
         if self.attention:
             begin_run(executor.class_obj)
+        options = getattr(executor.class_obj, "model_options", None)
+        if self.merge and options is not None:
+            # the guider's model_options are its copy for this run: the merged weights leave with it
+            options.setdefault("transformer_options", {})[MERGED_KEY] = MergedRun()
         samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record is not None:
             self.record.end_run(samples)  # not reached when the run is interrupted: its maps are never read
@@ -395,6 +507,9 @@ def apply_moa(
     for i, spec in enumerate(weights.config.layers):
         (attn2 if spec.is_cross else attn1)[spec.block] = i
     sampling = model.get_model_object("model_sampling")
+    same_as_prior = frozenset(
+        i for i, layer in enumerate(weights.layers) if weights_fixed and layer.personal_is_prior()
+    )
     runtime = MoARuntime(
         weights=weights,
         weights_patcher=weights_patcher,
@@ -408,14 +523,14 @@ def apply_moa(
         sigma_start=sampling.percent_to_sigma(options.start_percent),
         sigma_end=sampling.percent_to_sigma(options.end_percent),
         fused_attention=host_attention.optimized_attention in _MATERIALISING,
-        same_as_prior=frozenset(
-            i for i, layer in enumerate(weights.layers) if weights_fixed and layer.personal_is_prior()
-        ),
+        same_as_prior=same_as_prior,
         record=record,
         read_level=read_level(model, options.attention_router.downscale),
         sigma_warm=sampling.percent_to_sigma(
             options.start_percent + options.attention_router.warmup * (options.end_percent - options.start_percent)
         ),
+        merge_per_run=frozenset() if compute_bound else _mergeable(modules, weights, weights_fixed) - same_as_prior,
+        heads=tuple(getattr(modules[path], "heads", 0) for path in weights.paths),
     )
     patched = model.clone()
     patched.set_model_attn1_patch(MoAInputPatch(runtime, cross=False))
@@ -423,10 +538,23 @@ def apply_moa(
     patched.set_model_attn1_output_patch(MoAOutputPatch(runtime, cross=False))
     patched.set_model_attn2_output_patch(MoAOutputPatch(runtime, cross=True))
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, MoAStepWrapper(runtime))
-    attention = options.router_mode is RouterMode.ATTENTION
-    if record is not None or attention:
-        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, MoARunWrapper(record, attention))
+    attention, merge = options.router_mode is RouterMode.ATTENTION, bool(runtime.merge_per_run)
+    if record is not None or attention or merge:
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, MoARunWrapper(record, attention, merge))
     return patched
+
+
+def _mergeable(modules: dict, weights: MoAWeights, weights_fixed: bool) -> frozenset[int]:
+    """MoA layers whose personal projections can be merged per run: fixed weights (a trainer's
+    change between calls), a known head count and bias-free q, k and v (SD's attention), whose call
+    on the identity is their matrix."""
+    if not weights_fixed:
+        return frozenset()
+    return frozenset(
+        i for i, path in enumerate(weights.paths)
+        if getattr(modules[path], "heads", 0)
+        and all(getattr(getattr(modules[path], name), "bias", None) is None for name in ("to_q", "to_k", "to_v"))
+    )  # fmt: skip
 
 
 def _compute_bound(device: torch.device) -> bool:

@@ -171,6 +171,32 @@ def test_lora_on_the_model_reaches_both_experts(base_model, conds, trained):
     assert torch.equal(lora_then_moa, moa_then_lora)
 
 
+def test_merged_projections_carry_the_lora_and_are_built_once_per_sampling_run(base_model, conds, trained, monkeypatch):
+    """The GPU strategy sums each layer's host projection (called, so the LoRA is in it) and delta
+    once per run: the host's q projections run once more per run, not once more per step."""
+    from comfyui_moa.nodes.host import patch
+
+    lora_model = lora_on_attention(base_model, seed=9)
+    read = sample(apply_moa(lora_model, model_patcher(trained), one_prompt()), *conds, steps=3)
+    monkeypatch.setattr(patch, "_compute_bound", lambda device: False)
+    merging = apply_moa(lora_model, model_patcher(trained), one_prompt())
+    modules = attention_modules(lora_model.model.diffusion_model)
+    calls = collections.Counter()
+    handles = [m.to_q.register_forward_hook(lambda *a, p=p: calls.update([p])) for p, m in modules.items()]
+    try:
+        merged = sample(merging, *conds, steps=3)
+        once = dict(calls)
+        sample(merging, *conds, steps=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(once.values()) == {3 + 1}  # the prior in each step, the merge once
+    assert dict(calls) == {p: 2 * n for p, n in once.items()}  # a new run merges again
+    torch.testing.assert_close(merged, read, rtol=1e-5, atol=1e-4)
+    without_lora = sample(apply_moa(base_model, model_patcher(trained), one_prompt()), *conds, steps=3)
+    assert (merged - without_lora).abs().max() > 100 * (merged - read).abs().max()
+
+
 def test_clone_shares_patch_objects_and_weights(apply, trained):
     patched = apply(trained)
     clone = patched.clone().clone()

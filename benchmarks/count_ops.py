@@ -1,0 +1,150 @@
+"""Operations MoA dispatches per model call, against the base model, in one process.
+
+On a GPU at SD1.5 sizes the step time follows the number of operations Python launches, not their
+maths (docs/benchmark-gpu.md), so this count is the GPU speed figure that needs no GPU: every aten
+operation dispatched inside the UNet's forward, for one model call on cond + uncond (batch 2) of
+`comfy.sample.sample` (euler, CFG 7), through the pack's real patch: the second call of a two-step
+run (the first builds what a run builds once; "first call" is how many more it dispatches). The
+count is deterministic.
+
+Both code paths of the patch are counted on any machine: "gpu" (what `apply_moa` picks on a GPU:
+host modules called, personal experts dense) and "cpu" (host weights read and merged, sparse pixels
+gathered); `nodes/host/patch.py::_compute_bound` chooses between them.
+
+    python benchmarks/count_ops.py                      # the README table (full SD1.5 UNet, 256 px)
+    python benchmarks/count_ops.py --model tiny         # checks the script in seconds
+
+Modes as in bench_sampling.py ("base", "dense", "default", "cond", "sparse=T", ...).
+"""
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_sampling  # from this script's folder
+import bench_setup
+
+MODES = "base,dense,default"
+PATHS = ("gpu", "cpu")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active, by name (aten.mm, aten.view, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_model_calls(model, unet: torch.nn.Module, size: int, seed: int, conds, steps: int = 2) -> list[Counter]:
+    """`steps` sampling steps of `model`; the operations of each call of `unet`'s forward."""
+    calls: list[Counter] = []
+    active: list[OpCounter] = []
+
+    def before(module, args, kwargs):
+        active.append(OpCounter())
+        active[-1].__enter__()
+
+    def after(module, args, kwargs, output):
+        counter = active.pop()
+        counter.__exit__(None, None, None)
+        calls.append(counter.counts)
+
+    handles = [
+        unet.register_forward_pre_hook(before, with_kwargs=True),
+        unet.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        bench_sampling.sample_once(model, size, steps, seed, conds)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def variants_on_path(base, modes: list, region, prompt, seed: int, path: str) -> dict:
+    """bench_sampling's variants with the patch's code path forced to `path`."""
+    from comfyui_moa.nodes.host import patch
+
+    chosen = patch._compute_bound
+    patch._compute_bound = lambda device: path == "cpu"
+    try:
+        return bench_sampling.build_variants(base, modes, region, prompt, seed)
+    finally:
+        patch._compute_bound = chosen
+
+
+def extra_kinds(counts: Counter, base: Counter, top: int) -> str:
+    """The `top` operation kinds MoA adds most of, as 'view +810, t +324'."""
+    extra = Counter({name: counts[name] - base[name] for name in counts if counts[name] > base[name]})
+    return ", ".join(f"{name} +{n}" for name, n in extra.most_common(top)) or "-"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default=MODES, help="comma-separated, as bench_sampling.py's")
+    parser.add_argument("--paths", default=",".join(PATHS), help="the patch's code paths to count: gpu, cpu")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (counts barely depend on it)")
+    parser.add_argument("--subject-area", type=float, default=0.25, help="region: centred square of this area")
+    parser.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    parser.add_argument(
+        "--attention", default="pytorch", choices=["default", "pytorch", "sub_quad", "split"],
+        help="the host's attention kernel: pytorch (fused SDPA) is what ComfyUI runs on NVIDIA GPUs",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=6, help="extra operation kinds listed per mode")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench_setup.use_host(args.attention)
+    modes = [bench_sampling.parse_mode(spec) for spec in args.modes.split(",")]
+    paths = args.paths.split(",")
+    if unknown := [p for p in paths if p not in PATHS]:
+        raise SystemExit(f"--paths: unknown path {unknown[0]!r} (gpu, cpu)")
+    base = bench_setup.build_unet(bench_setup.TINY_UNET if args.model == "tiny" else bench_setup.SD15_UNET)
+    unet = base.model.diffusion_model
+    positive, negative, prompt = bench_setup.conditioning()
+    region = bench_setup.centred_square(args.subject_area)
+    print("### Operations per model call (cond + uncond, batch 2)\n")
+    area = f"{100 * args.subject_area:.0f} %"
+    print(f"- {bench_sampling.machine()}; {args.model} UNet, {args.size} px, subject region {area} of the image; "
+          "every aten operation inside the UNet's forward\n")  # fmt: skip
+    print("| path | mode | operations | MoA/base | largest extra kinds | first call |")
+    print("|---|---|---|---|---|---|")
+    base_counts = None
+    for path in paths:
+        variants = variants_on_path(base, modes, region, prompt, args.seed, path)
+        for mode in modes:
+            if mode.rank is None and base_counts is not None:
+                continue  # the base model has one path
+            model = variants[mode.name][0]
+            calls = count_model_calls(model, unet, args.size, args.seed, (positive, negative))
+            if len(calls) != 2:
+                raise SystemExit(f"expected one model call per step, counted {len(calls)} in two steps")
+            counts = calls[1]
+            first, total = sum(calls[0].values()), sum(counts.values())
+            if mode.rank is None:
+                base_counts = counts
+                print(f"| - | base | {total} | 1.00 | - | - |", flush=True)
+                continue
+            ratio = "-" if base_counts is None else f"{total / sum(base_counts.values()):.2f}"
+            kinds = "-" if base_counts is None else extra_kinds(counts, base_counts, args.top)
+            default = bench_sampling.is_default(mode) and mode.name != "default"
+            label = f"{mode.name} (default)" if default else mode.name
+            print(f"| {path} | {label} | {total} | {ratio} | {kinds} | {first - total:+d} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The MoA layer with its personal projections merged once per sampling run: the form for devices
+where launching operations costs more than the maths (a GPU at SD1.5 sizes).
+
+`mixture.moa_attention` calls the host's projections and adds each delta: per projection two
+matmuls and their reshapes, in every model call. Here the host's weights (as the host computes
+them: LoRA, casting and streaming included, read by calling its modules once) and the deltas are
+summed once per sampling run into single matrices, so a layer is: the router (two matmuls, one
+sigmoid: a two-way softmax is the sigmoid of the logits' difference), q, k and v of
+self-attention in one matmul (k and v of cross-attention in another), the host's attention
+kernel on head-split views, the output projection in one addmm and the mix in one lerp. The
+personal keys and values of every cross-attention layer of one shape come from one batched
+matmul per model call (`CrossGroup`): their contexts differ only in the fused subject tokens. The
+mixture is `mixture.moa_attention`'s (r0 * prior + r1 * personal, the prior exactly where w is
+0), to float rounding: the weights are summed before the matmul rather than after.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .helpers import like
+from .layer import Delta, MoALayer
+from .mixture import Mixing, RouterMode, personal_share
+from .prompt import SubjectTokens
+
+HeadAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""q [b, h, n, d], k and v [b, h, t, d] (head-split views) -> [b, h, n, d]: the host's kernel."""
+
+
+@dataclass(frozen=True)
+class HostWeights:
+    """One host attention layer's projections as x @ W matrices ([in, out], transposed from nn.Linear)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class MergedLayer:
+    """One MoA layer for a sampling run: its personal projections and router as single matrices."""
+
+    q: torch.Tensor  # [c, i]; self-attention: [c, 3i], q | k | v
+    kv: torch.Tensor | None  # cross-attention: [d, 2i], k | v; None for self-attention
+    out: torch.Tensor  # [i, c]
+    out_bias: torch.Tensor | None  # [c]
+    router_in: torch.Tensor  # [c, hidden]
+    router_in_bias: torch.Tensor  # [hidden]
+    router_out: torch.Tensor  # [hidden, 1]: the personal logit's row minus the prior's
+    router_out_bias: torch.Tensor  # [1]
+
+
+def merge_layer(layer: MoALayer, host: HostWeights) -> MergedLayer:
+    """`layer`'s personal projections (host + delta) and router as MergedLayer, in host's dtype."""
+    ref = host.q
+
+    def personal(weight: torch.Tensor, delta: Delta) -> torch.Tensor:
+        matrix = like(delta.up, ref) @ like(delta.down, ref) if delta.rank else like(delta.weight, ref)
+        return weight + matrix.t()
+
+    q, k, v = (personal(w, d) for w, d in ((host.q, layer.delta_q), (host.k, layer.delta_k), (host.v, layer.delta_v)))
+    fc1, fc2 = layer.router.fc1, layer.router.fc2
+    cross = layer.spec.is_cross
+    return MergedLayer(
+        q=q.contiguous() if cross else torch.cat([q, k, v], dim=1),
+        kv=torch.cat([k, v], dim=1) if cross else None,
+        out=personal(host.out, layer.delta_out).contiguous(),
+        out_bias=host.out_bias,
+        router_in=like(fc1.weight, ref).t().contiguous(),
+        router_in_bias=like(fc1.bias, ref),
+        router_out=like(fc2.weight[1] - fc2.weight[0], ref)[:, None].contiguous(),
+        router_out_bias=like(fc2.bias[1:] - fc2.bias[:1], ref),
+    )
+
+
+@dataclass(frozen=True)
+class CrossGroup:
+    """Cross-attention layers of one shape (context width, inner width, heads) of a sampling run."""
+
+    layers: tuple[int, ...]  # MoA layer indices
+    cross: torch.Tensor  # long [L]: their cross-attention indices (the fused tokens' layer axis)
+    kv: torch.Tensor  # [L, d, 2i]: each layer's MergedLayer.kv
+    heads: int
+
+
+def cross_groups(
+    merged: dict[int, MergedLayer], cross_index: dict[int, int], heads: dict[int, int]
+) -> list[CrossGroup]:
+    """The cross-attention layers among `merged`, grouped by shape (`heads`: each layer's head count)."""
+    shapes: dict[tuple, list[int]] = {}
+    for i in sorted(merged):
+        if merged[i].kv is not None:
+            shapes.setdefault((*merged[i].kv.shape, heads[i]), []).append(i)
+    return [
+        CrossGroup(
+            tuple(layers),
+            torch.tensor([cross_index[i] for i in layers], device=merged[layers[0]].kv.device),
+            torch.stack([merged[i].kv for i in layers]),
+            shape[-1],
+        )
+        for shape, layers in shapes.items()
+    ]
+
+
+def personal_keys_values(
+    context: torch.Tensor, tokens: SubjectTokens, fused: torch.Tensor, group: CrossGroup
+) -> dict[int, torch.Tensor]:
+    """Each layer's personal keys and values [2, b, h, t, d] for context [b, t, c], its subject
+    tokens replaced by their fuse_subjects output `fused` ([layers or 1, k, c]): one matmul for
+    the group, whose layers' contexts are stacked."""
+    b, t, c = context.shape
+    count = len(group.layers)
+    contexts = context.expand(count, b, t, c)
+    if tokens.rows.numel():
+        values = fused.expand(count, -1, -1) if fused.shape[0] == 1 else fused[group.cross]
+        slots = torch.arange(count, device=context.device)[:, None]
+        contexts = contexts.index_put((slots, tokens.rows, tokens.tokens), values)
+    kv = torch.bmm(contexts.reshape(count, b * t, c), group.kv)
+    kv = kv.view(count, b, t, 2, group.heads, -1).permute(0, 3, 1, 4, 2, 5)
+    return dict(zip(group.layers, kv.unbind(0), strict=True))
+
+
+def merged_router(flat: torch.Tensor, merged: MergedLayer) -> torch.Tensor:
+    """r1 [m, 1] for hidden states flat [m, c]: the learned router's personal share."""
+    hidden = F.gelu(torch.addmm(merged.router_in_bias, flat, merged.router_in))
+    return torch.sigmoid(torch.addmm(merged.router_out_bias, hidden, merged.router_out))
+
+
+def merged_moa_attention(
+    prior_out: torch.Tensor,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    merged: MergedLayer,
+    heads: int,
+    attention: HeadAttention,
+    mixing: Mixing,
+    rows: torch.Tensor | None = None,
+    region: torch.Tensor | None = None,
+    r1: torch.Tensor | None = None,
+    keys_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mixture.moa_attention` with merged projections, for self-attention (context is x) or
+    cross-attention (values from the context, or `keys_values` [2, B, h, t, d] from
+    personal_keys_values); threshold as Mixing.gather False (w zeroed in place). Returns
+    (mixed [B, n, c], r1 [b, n, 1])."""
+    cross = merged.kv is not None
+    if rows is not None:
+        x = x[rows]
+        if keys_values is not None:
+            keys_values = keys_values[:, rows]
+        elif cross:
+            context = context[rows]
+        r1 = None if r1 is None else r1[rows]
+    b, n, c = x.shape
+    flat = x.reshape(b * n, c)
+    if r1 is None:
+        if mixing.router_mode is RouterMode.LEARNED:
+            r1 = merged_router(flat, merged).view(b, n, 1)
+        else:
+            r1 = x.new_full((b, n, 1), 1.0 if mixing.router_mode is RouterMode.PERSONAL else 0.0)
+    w = personal_share(r1, mixing.strength, region)
+    if mixing.threshold > 0.0:
+        w = F.threshold(w, mixing.threshold, 0.0)
+    if cross:
+        q = (flat @ merged.q).view(b, n, heads, -1).transpose(1, 2)
+        if keys_values is None:
+            t = context.shape[1]
+            keys_values = (context.reshape(b * t, -1) @ merged.kv).view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = keys_values.unbind(0)
+    else:
+        q, k, v = (flat @ merged.q).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    a = attention(q, k, v).transpose(1, 2).reshape(b * n, -1)
+    out = a @ merged.out if merged.out_bias is None else torch.addmm(merged.out_bias, a, merged.out)
+    out = out.view(b, n, c)
+    if rows is None:
+        return torch.lerp(prior_out, out, w), r1
+    return prior_out.index_copy(0, rows, torch.lerp(prior_out[rows], out, w)), r1
