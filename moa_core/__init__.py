@@ -16,7 +16,7 @@ from .errors import (
 from .fuser import Fuser, FuserConfig
 from .ipadapter import IPAdapter, IPAdapterSpec, load_ipadapter
 from .layer import Delta, MoALayer
-from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss, router_subject_loss
+from .losses import masked_diffusion_loss, object_loss, prior_map, router_loss, router_subject_loss, v_weights
 from .mixture import (
     Mixing,
     PriorProjections,
@@ -85,4 +85,5 @@ __all__ = [
     "save_weights",
     "subject_attention",
     "subject_tokens",
+    "v_weights",
 ]

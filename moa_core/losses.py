@@ -32,17 +32,31 @@ def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp_min(EPS)
 
 
-def masked_diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sample_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared error of the noise prediction on subject pixels only.
 
-    prediction, target [b, d, h, w] (latent); mask [b, H, W] in [0, 1] (the union of the subjects).
+    prediction, target [b, d, h, w] (latent); mask [b, H, W] in [0, 1] (the union of the subjects);
+    `sample_weights` [b] scale each sample's loss (the timestep weighting, `v_weights`).
     Each sample's loss is the mean over its masked latent elements (channels included), then the
     batch is averaged. Normalising by the mask's area, unlike FastComposer's plain mean over all
     elements, keeps the loss on the scale of an ordinary diffusion loss and gives a small face the
     same weight as a large one; a sample whose mask is empty contributes 0.
     """
     weights = resize_mask(mask, tuple(prediction.shape[-2:]))[:, None].expand_as(prediction)
-    return masked_mean((prediction.float() - target.float()) ** 2, weights).mean()
+    per_sample = masked_mean((prediction.float() - target.float()) ** 2, weights)
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights.to(per_sample)
+    return per_sample.mean()
+
+
+def v_weights(sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights [b] that turn the squared noise error into the squared v error
+    (sigma^2 + 1 on the variance-preserving schedule): the eps loss weighs an x0 error by
+    1 / sigma^2, so it spends almost nothing on the high-noise steps where a subject's colours and
+    layout are decided; the v loss weighs them sigma^2 + 1 times more."""
+    return sigma.flatten().float() ** 2 + 1.0
 
 
 def prior_map(

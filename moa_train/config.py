@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
 LAYOUTS = ("ffhq-wild", "folder")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+WEIGHTINGS = ("eps", "v")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class LossSettings:
     object_weight: float = 1e-3
     router_layers: tuple[str, ...] = ("all",)  # "all", or UNet layer paths
     object_layers: tuple[str, ...] = ("fastcomposer",)  # "fastcomposer", "all", or attn2 layer paths
+    weighting: str = "eps"  # the diffusion loss's timestep weighting: "eps" (the paper's) or "v"
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,8 @@ def _validate(config: TrainConfig) -> None:
     _check(m.fuser_hidden_dim >= 0 and m.fuser_cond_dim > 0, "[moa] fuser_*", "widths must be positive")
     for name in ("router_weight", "router_subject_weight", "object_weight"):
         _check(getattr(loss, name) >= 0, f"[loss] {name}", "must be 0 or more")
+    weighting = f"{loss.weighting!r} is not one of {', '.join(WEIGHTINGS)}"
+    _check(loss.weighting in WEIGHTINGS, "[loss] weighting", weighting)
     _check(bool(loss.router_layers), "[loss] router_layers", 'name layers or use ["all"]')
     _check(bool(loss.object_layers), "[loss] object_layers", 'name layers or use ["fastcomposer"] or ["all"]')
     _check(o.batch_size >= 1 and o.grad_accum >= 1, "[optim] batch_size, grad_accum", "must be at least 1")

@@ -176,7 +176,9 @@ def loss_plan(config: TrainConfig, weights: MoAWeights) -> LossPlan:
     if any(i not in cross for i in objects):
         raise ConfigError("[loss] object_layers: the object loss reads cross-attention (attn2) layers only")
     loss = config.loss
-    return LossPlan(router, objects, loss.router_weight, loss.object_weight, loss.router_subject_weight)
+    return LossPlan(
+        router, objects, loss.router_weight, loss.object_weight, loss.router_subject_weight, loss.weighting == "v"
+    )
 
 
 def _select(names: tuple[str, ...], paths: list[str], everything: list[int], setting: str) -> tuple[int, ...]:

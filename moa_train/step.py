@@ -25,6 +25,7 @@ from comfyui_moa.moa_core import (
     prior_map,
     router_loss,
     router_subject_loss,
+    v_weights,
 )
 from comfyui_moa.moa_core.losses import masked_mean, resize_mask
 from comfyui_moa.nodes.host.patch import PROBE_KEY, PROMPT_KEY
@@ -49,6 +50,7 @@ class LossPlan:
     router_weight: float
     object_weight: float
     router_subject_weight: float = 0.0
+    v_weighting: bool = False  # the diffusion loss weighted as the v error (losses.v_weights)
 
 
 def training_options(model: Any, prompt: PersonalPrompt, probe: TrainingProbe, sigma: torch.Tensor) -> dict:
@@ -138,7 +140,8 @@ class TrainingModel(nn.Module):
         with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
             denoised = frozen.model.model.apply_model(noisy, sigma, c_crossattn=context, transformer_options=options)
         prediction = (noisy - denoised.float()) / sigma.view(-1, 1, 1, 1)  # eps, whatever the model predicts
-        return self._losses(prediction, noise, batch, probe)
+        weights = v_weights(sigma) if self.plan.v_weighting else None
+        return self._losses(prediction, noise, batch, probe, weights)
 
     def _subject_embeds(self, batch: Batch) -> torch.Tensor:
         """[b, s, e]: each conditioned subject's CLIP embedding in its row and slot, zeros elsewhere."""
@@ -148,10 +151,10 @@ class TrainingModel(nn.Module):
         encoded = encode_subjects(self.frozen.vision, batch.crops, self.vision_layers).to(embeds)
         return embeds.index_put((batch.crop_rows, batch.crop_subjects), encoded)
 
-    def _losses(self, prediction, noise, batch: Batch, probe: TrainingProbe) -> dict:
+    def _losses(self, prediction, noise, batch: Batch, probe: TrainingProbe, sample_weights=None) -> dict:
         plan = self.plan
         union = batch.masks.amax(1)
-        masked = masked_diffusion_loss(prediction, noise, union)
+        masked = masked_diffusion_loss(prediction, noise, union, sample_weights)
         r1 = [probe.router[i] for i in plan.router_layers]
         grids = [probe.grids[i] for i in plan.router_layers]
         router = router_loss(r1, grids, union)

@@ -47,6 +47,7 @@ def test_a_toml_file_resolves_relative_paths_against_its_folder(tmp_path):
         ("[data]\nresolution = 500\n", "multiple of 8"),
         ("[optim]\nlr_routers = -1\n", "must be 0 or more"),
         ("[moa]\nprior_init = 1.0\n", "strictly between 0 and 1"),
+        ('[loss]\nweighting = "x0"\n', r"\[loss\] weighting: 'x0' is not one of eps, v"),
         ("[optim\n", "not valid TOML"),
     ],
 )
@@ -90,6 +91,16 @@ def test_loss_layers_that_the_model_lacks_or_that_are_not_cross_attention_are_er
     missing = TrainConfig().replace("loss", router_layers=("output_blocks.11.1.transformer_blocks.0.attn1",))
     with pytest.raises(ConfigError, match="is not an attention layer of this model"):
         loss_plan(missing, weights)
+
+
+def test_the_v_weighting_reaches_the_loss_plan(models):
+    from moa_train.config import TrainConfig
+    from moa_train.models import build_weights, loss_plan
+
+    config = TrainConfig().replace("loss", object_layers=("all",))
+    weights = build_weights(config, models)
+    assert not loss_plan(config, weights).v_weighting  # the paper's eps loss by default
+    assert loss_plan(config.replace("loss", weighting="v"), weights).v_weighting
 
 
 @pytest.mark.parametrize("kind", ["V_PREDICTION", "CONST"])

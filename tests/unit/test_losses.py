@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from comfyui_moa.moa_core import masked_diffusion_loss, object_loss, prior_map, router_loss, router_subject_loss
-from comfyui_moa.moa_core.losses import resize_mask
+from comfyui_moa.moa_core.losses import resize_mask, v_weights
 
 EXACT = {"atol": 1e-6, "rtol": 0}  # sums of a few float32 values
 
@@ -32,6 +32,16 @@ def test_masked_diffusion_loss_weighs_each_sample_the_same_whatever_its_subject_
     mask[0] = 1.0  # sample 0: everything is subject, error 1 everywhere
     mask[1, 0, 0] = 1.0  # sample 1: a single pixel, error 9
     torch.testing.assert_close(masked_diffusion_loss(prediction, target, mask), torch.tensor((1.0 + 9.0) / 2), **EXACT)
+
+
+def test_v_weights_turn_the_noise_error_into_the_v_error_of_each_sample():
+    # x_t = x0 + sigma * eps on the variance-preserving schedule scaled by 1 / sqrt(sigma^2 + 1): a noise
+    # error e is an x0 error sigma * e and a v error e * sqrt(sigma^2 + 1)
+    sigma = torch.tensor([0.5, 3.0])
+    torch.testing.assert_close(v_weights(sigma), torch.tensor([1.25, 10.0]), **EXACT)
+    prediction, target, mask = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2), torch.ones(2, 2, 2)
+    loss = masked_diffusion_loss(prediction, target, mask, v_weights(sigma))
+    torch.testing.assert_close(loss, torch.tensor((1.25 + 10.0) / 2), **EXACT)
 
 
 def test_masked_diffusion_loss_resizes_the_mask_by_area_and_ignores_samples_without_subjects():
