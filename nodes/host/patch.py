@@ -134,9 +134,9 @@ class MoAStep:
     that reads a context; the others (usually every one) reuse it."""
     reading: "AttentionReading | None" = None  # RouterMode.ATTENTION: where r1 comes from
     merged: "MergedRun | None" = field(default=None, compare=False, repr=False)
-    keys_values: dict = field(default_factory=dict, compare=False, repr=False)  # id(context) -> (context, by layer)
     """This sampling run's merged layers; None where projections are not merged (the CPU,
     training, a model called outside a sampler)."""
+    keys_values: dict = field(default_factory=dict, compare=False, repr=False)  # id(context) -> (context, by layer)
 
     def personal_keys_values(
         self, context: torch.Tensor, layer_index: int, runtime: "MoARuntime", x: torch.Tensor

@@ -159,6 +159,28 @@ def test_the_gpu_strategy_gives_the_cpu_strategys_mixture(base_model, conds, app
     assert (cpu_out - base).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("new_context_per_layer", [False, True])
+def test_merged_projections_follow_a_context_another_pack_changes(
+    base_model, conds, apply, trained, monkeypatch, new_context_per_layer
+):
+    """The GPU strategy batches the cross-attention layers' personal keys and values for the call's
+    context; a layer whose context another pack replaced builds its own (here forced on the CPU)."""
+    from comfyui_moa.nodes.host import patch
+
+    def scaled_context(n, context, value, extra_options):
+        if new_context_per_layer:
+            context = context * (1.0 + 0.1 * extra_options["block"][1])  # a new tensor for every layer
+        return n, context, context
+
+    model = base_model.clone()
+    model.set_model_attn2_patch(scaled_context)
+    cpu = sample(apply(trained, model=model), *conds)
+    monkeypatch.setattr(patch, "_compute_bound", lambda device: False)
+    gpu = sample(apply(trained, model=model), *conds)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-4)
+    assert (gpu - sample(model, *conds)).abs().max() > 1e-2
+
+
 def test_the_cpu_reads_a_projection_weight_only_where_its_forward_uses_that_very_tensor():
     import comfy.ops
 
