@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class Plan:
     """What one evaluation run trains and samples."""
 
-    moa_steps: int = 600
+    moa_steps: int = 1500
     moa_scenes: int = 2000
     batch: int = 4  # seeds per (identity, background) cell
     pairs: int = 8  # two-subject (cat, dog) identity pairs
@@ -44,7 +44,8 @@ QUICK = Plan(moa_steps=150, moa_scenes=600, batch=1, pairs=2, pair_batch=1, fine
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moa_world evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("world_eval"), help="folder for table, grids, MoA weights")
-    parser.add_argument("--seeds", type=int, default=1, help="MoA runs (data and initialisation seeds 0..N-1)")
+    parser.add_argument("--seeds", type=int, default=1, help="MoA runs (data and initialisation seeds)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first MoA run's seed (then +1, ...)")
     parser.add_argument("--prior-seeds", default="0", help="comma-separated seeds of the priors (W's build)")
     parser.add_argument("--moa-steps", type=int, default=Plan.moa_steps)
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer seeds, pairs, fine-tune steps")
@@ -68,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for prior_seed in [int(s) for s in args.prior_seeds.split(",")]:
         world = args.world or world_folder(prior_seed)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             began = time.monotonic()
             out = args.out / f"prior{prior_seed}_moa{seed}"
-            result = evaluate_run(world, seed, plan, out, overrides, grids=seed == 0, router_only=args.router_only)
+            result = evaluate_run(
+                world, seed, plan, out, overrides, grids=seed == args.first_seed, router_only=args.router_only
+            )
             result["prior_seed"], result["moa_seed"] = prior_seed, seed
             result["seconds"] = time.monotonic() - began
             runs.append(result)
