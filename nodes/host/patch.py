@@ -23,7 +23,7 @@ one matmul each with the host's weight plus the delta: the weight is read only w
 module's own forward would use that very tensor (_weight_of); every other host module is called.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import comfy.ldm.modules.attention as host_attention
@@ -448,6 +448,9 @@ class MergedRun:
             merged = {i: self.layer(runtime, i, x) for i in cross}
             heads = {i: runtime.heads[i] for i in cross}
             self.groups = cross_groups(merged, runtime.weights.cross_index, heads)
+            for group in self.groups:  # the layers keep views of the stack, not copies
+                for j, i in enumerate(group.layers):
+                    self.layers[i] = replace(self.layers[i], kv=group.kv[j])
         return self.groups
 
 
