@@ -8,8 +8,8 @@ run (the first builds what a run builds once; "first call" is how many more it d
 count is deterministic.
 
 Both code paths of the patch are counted on any machine: "gpu" (what `apply_moa` picks on a GPU:
-host modules called, personal experts dense) and "cpu" (host weights read and merged, sparse pixels
-gathered); `nodes/host/patch.py::_compute_bound` chooses between them.
+projections merged once per sampling run, moa_core.merged; the threshold applied in place) and "cpu"
+(host weights read per call, sparse pixels gathered); `nodes/host/patch.py::_compute_bound` chooses.
 
     python benchmarks/count_ops.py                      # the README table (full SD1.5 UNet, 256 px)
     python benchmarks/count_ops.py --model tiny         # checks the script in seconds

@@ -303,3 +303,26 @@ def test_the_benchmark_background_stands_in_for_a_less_decisive_router(bench, ca
         kept[background] = float(row[7].strip().removesuffix("%"))
     # off the square w is 0 (the prior, skipped), or up to 0.05 and mostly above the 0.01 threshold
     assert kept["0"] == pytest.approx(25.0, abs=0.5) and kept["0.05"] > 50.0
+
+
+def test_the_operation_count_shows_the_gpu_path_merging_once_per_run(monkeypatch, capsys):
+    """count_ops on the tiny UNet: the GPU path's default stays well under the 2.2x it took before its
+    projections were merged per run (1.56x on v0.3.64: 8 layers, so the per-call plan weighs more than
+    on SD1.5's 32), its first call carries the merge, and the CPU path builds nothing per run."""
+    import comfy.cli_args
+
+    monkeypatch.syspath_prepend(str(REPO_BENCHMARKS))
+    import count_ops
+
+    flag = "use_pytorch_cross_attention"  # count_ops sets it (the GPUs' kernel): restored after the test
+    monkeypatch.setattr(comfy.cli_args.args, flag, getattr(comfy.cli_args.args, flag))
+
+    assert count_ops.main(["--model", "tiny", "--size", "64", "--modes", "base,dense,default"]) == 0
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3]): line.split("|")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| gpu") or line.startswith("| cpu")
+    }
+    gpu, cpu = rows[("gpu", "default")], rows[("cpu", "default")]
+    assert float(gpu[4]) < 1.7 and float(gpu[4]) < float(cpu[4])
+    assert int(gpu[6]) > 0 and int(cpu[6]) == 0  # the first call's extra operations: the merge
