@@ -56,11 +56,17 @@ def run_of(transformer_options: dict, sigma: float | None) -> RouterRun:
 
 
 def begin_run(guider) -> None:
-    """Give a sampling run a fresh RouterRun. The guider's model_options are its copy for this run
-    (CFGGuider.sample clones them), so the maps leave with the run and no patch object holds them."""
+    """Give a sampling run a fresh RouterRun."""
+    keep_for_run(guider, RUN_KEY, RouterRun())
+
+
+def keep_for_run(guider, key: str, state: object) -> None:
+    """Put `state` into a sampling run's transformer_options under `key`. The guider's model_options
+    are its copy for this run (CFGGuider.sample clones them), so the state leaves with the run and no
+    patch object holds it; an object, not a dict, since ComfyUI copies those dicts at every call."""
     options = getattr(guider, "model_options", None)
     if options is not None:
-        options.setdefault("transformer_options", {})[RUN_KEY] = RouterRun()
+        options.setdefault("transformer_options", {})[key] = state
 
 
 def layer_masks(

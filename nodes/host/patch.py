@@ -62,7 +62,7 @@ from ...moa_core.merged import (
 )
 from ...moa_core.mixture import Mixing, WeightOf, called_weight
 from ...moa_core.region import check_region, region_at, region_levels
-from .attention_router import begin_run, layer_masks, read_level, read_pixels, run_of
+from .attention_router import begin_run, keep_for_run, layer_masks, read_level, read_pixels, run_of
 from .unet_layers import attention_modules, check_weights_fit
 
 STEP_KEY = "moa_step"
@@ -427,8 +427,7 @@ class MoAStepWrapper(_Shared):
 
 class MergedRun:
     """One sampling run's MergedLayers by MoA layer index, each built by the layer's first call, and
-    its CrossGroups. An object, not a dict: ComfyUI copies the dicts in transformer_options at
-    every model call."""
+    its CrossGroups (kept in the run's transformer_options: attention_router.keep_for_run)."""
 
     def __init__(self) -> None:
         self.layers: dict[int, MergedLayer] = {}
@@ -468,10 +467,8 @@ class MoARunWrapper(_Shared):
             self.record.begin_run(sigmas.reshape(-1).tolist())
         if self.attention:
             begin_run(executor.class_obj)
-        options = getattr(executor.class_obj, "model_options", None)
-        if self.merge and options is not None:
-            # the guider's model_options are its copy for this run: the merged weights leave with it
-            options.setdefault("transformer_options", {})[MERGED_KEY] = MergedRun()
+        if self.merge:
+            keep_for_run(executor.class_obj, MERGED_KEY, MergedRun())
         samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record is not None:
             self.record.end_run(samples)  # not reached when the run is interrupted: its maps are never read
