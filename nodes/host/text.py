@@ -44,7 +44,8 @@ def bind_subject_words(
     input_names: tuple[str, str] = ("text", "subject_words"),
     occurrences: Sequence[int | None] | None = None,
 ) -> BoundPrompt:
-    """Tokenize `text` with `clip` and find every word of `words` in it.
+    """Tokenize `text` with `clip` and find every word of `words` in it, in each of the model's text
+    encoders' token streams (SDXL has two), which must agree.
 
     Each word binds to all its occurrences, or with `occurrences[i]` set, to that one (0-based).
     """
@@ -53,7 +54,28 @@ def bind_subject_words(
             f"{input_names[0]}: the prompt is empty; write a prompt that names each subject (e.g. 'a photo of a man')"
         )
     tokens = clip.tokenize(text)
-    key = next(iter(tokens))
+    streams = {key: _stream_positions(clip, tokens, key, words, input_names, occurrences) for key in tokens}
+    positions, lengths = zip(*streams.values(), strict=True)
+    if any(p != positions[0] for p in positions):
+        described = "; ".join(f"{key}: {p}" for key, (p, _) in streams.items())
+        raise ConditioningError(
+            f"{input_names[1]}: the subject words sit at different token positions in the model's text encoders "
+            f"({described}): an embedding in the prompt has a different number of vectors for each encoder, or "
+            "vectors for one only. Use an embedding made for every text encoder of this model, or remove it"
+        )
+    # Several encoders' outputs are joined width-wise, cut to the shortest (SDXL: CLIP-L and OpenCLIP-bigG).
+    return BoundPrompt(tokens, positions[0], min(lengths))
+
+
+def _stream_positions(
+    clip,
+    tokens: dict,
+    key: str,
+    words: Sequence[str],
+    input_names: tuple[str, str],
+    occurrences: Sequence[int | None] | None,
+) -> tuple[list[list[int]], int]:
+    """Every word's token positions in one text encoder's stream, and the stream's length."""
     tokenizer = getattr(clip.tokenizer, f"clip_{key}", None) or clip.tokenizer
     windows = [[entry[0] for entry in window] for window in tokens[key]]
     window_size = len(windows[0])
@@ -70,7 +92,7 @@ def bind_subject_words(
                 raise ConditioningError(f"{input_names[1]}: {word!r} occurs {len(found)} times, not {which + 1}")
             found = [found[which]]
         positions.append([w * window_size + p for w, start, length in found for p in range(start, start + length)])
-    return BoundPrompt(tokens, positions, window_size * len(windows))
+    return positions, window_size * len(windows)
 
 
 def _word_ids(tokenizer, word: str) -> list[int]:

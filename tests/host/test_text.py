@@ -1,15 +1,23 @@
 """Tier 2: subject words found through ComfyUI's real CLIP tokenizer."""
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from comfyui_moa.moa_core import ConditioningError
 from comfyui_moa.nodes.host.text import bind_subject_words, parse_subject_words
-from moa_testing.tiny import tiny_clip
+from moa_testing.tiny import tiny_clip, tiny_sdxl_clip
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def clip(request):
+    """SD1.5's CLIP-L, or SDXL's CLIP-L + OpenCLIP-bigG pair: every test below holds for both."""
+    return tiny_clip() if request.param == "sd15" else tiny_sdxl_clip()
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
+def sdxl_clip():
+    return tiny_sdxl_clip()
 
 
 def token_ids(clip, text):
@@ -88,3 +96,31 @@ def test_subject_word_lists_are_checked(text, message):
 
 def test_subject_word_list_is_split_on_commas():
     assert parse_subject_words(" man , old woman", "subject_words") == ["man", "old woman"]
+
+
+LONG = ", ".join(["a detailed painting"] * 20) + ", a woman, a man"
+
+
+@pytest.mark.parametrize("text", ["a (man:1.2) and a woman", LONG])
+def test_sdxl_words_sit_at_the_same_positions_in_both_streams_and_in_the_joined_context(sdxl_clip, text):
+    bound = bind_subject_words(sdxl_clip, text, ["man", "woman"])
+    for stream in ("g", "l"):
+        ids = [entry[0] for window in bound.tokens[stream] for entry in window]
+        assert [[ids[p] for p in positions] for positions in bound.positions] == [
+            word_tokens(sdxl_clip, "man"),
+            word_tokens(sdxl_clip, "woman"),
+        ]
+    context = sdxl_clip.encode_from_tokens_scheduled(bound.tokens)[0][0]
+    assert context.shape == (1, bound.prompt_length, 2048)  # CLIP-L's 768 then bigG's 1280, token by token
+
+
+def test_an_embedding_that_shifts_one_sdxl_stream_is_refused_naming_both(tmp_path):
+    # bigG gets three vectors, CLIP-L two: the words after it sit one token apart in the two streams
+    generator = torch.Generator().manual_seed(0)
+    vectors = {"clip_g": torch.randn(3, 1280, generator=generator), "clip_l": torch.randn(2, 768, generator=generator)}
+    save_file(vectors, str(tmp_path / "lopsided.safetensors"))
+    clip = tiny_sdxl_clip(embedding_directory=str(tmp_path))
+    message = r"subject_words: .*different token positions .*\(g: \[\[8\]\]; l: \[\[7\]\]\)"
+    with pytest.raises(ConditioningError, match=message):
+        bind_subject_words(clip, "embedding:lopsided a photo of a man", ["man"])
+    assert bind_subject_words(clip, "a photo of a man, embedding:lopsided", ["man"]).positions == [[5]]
