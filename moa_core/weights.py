@@ -149,7 +149,24 @@ def moa_init(
     if fuser.layer_conditioning:
         fuser = FuserConfig(**{**asdict(fuser), "num_layers": len(cross)})
     config = MoAConfig(family, tuple(layers), fuser, image_encoder, delta_rank, router_hidden_ratio)
+    problem = _fuser_misfit(config)
+    if problem:
+        raise ValueError(f"fuser: {problem}; leave fuser unset to size it from the layers and image encoder")
     return MoAWeights(config, prior_init)
+
+
+def _fuser_misfit(config: MoAConfig) -> str | None:
+    """What keeps the fuser's token from feeding the cross-attention layers (SDXL's context is 2048-d,
+    SD1.5's 768-d), or from reading the image encoder's embeddings; None if it fits."""
+    widths = sorted({spec.context_dim for spec in config.layers if spec.is_cross})
+    if widths != [config.fuser.text_dim]:
+        return f"it makes {config.fuser.text_dim}-d tokens but the cross-attention layers read {widths}-d context"
+    if config.fuser.image_dim != config.image_encoder.dim:
+        return (
+            f"it reads {config.fuser.image_dim}-d image embeddings but the image encoder "
+            f"{config.image_encoder.name!r} gives {config.image_encoder.dim}-d"
+        )
+    return None
 
 
 def save_weights(weights: MoAWeights, path: str | Path) -> None:
@@ -215,6 +232,11 @@ def validate_metadata(metadata: dict[str, str] | None, source: str) -> MoAConfig
         raise WeightsFormatError(
             f"{source}: the fuser indexes {fuser.num_layers} cross-attention layers but the file has "
             f"{len(config.cross_layers)}; the file is damaged"
+        )
+    problem = _fuser_misfit(config)
+    if problem:
+        raise WeightsFormatError(
+            f"{source}: the fuser does not fit the file's own layers ({problem}); the file is damaged"
         )
     return config
 

@@ -81,6 +81,18 @@ def test_moa_init_rejects_unknown_family_and_layers_without_cross_attention():
         moa_init("sd15", [LAYERS[0], LAYERS[2]], FUSER)
 
 
+@pytest.mark.parametrize(
+    ("fuser", "message"),
+    [
+        (FuserConfig(text_dim=768, image_dim=6), "it makes 768-d tokens but the cross-attention layers read [12]-d"),
+        (FuserConfig(text_dim=12, image_dim=768), "it reads 768-d image embeddings but the image encoder"),
+    ],
+)
+def test_moa_init_refuses_a_fuser_of_other_widths_than_the_layers_and_encoder(fuser, message):
+    with pytest.raises(ValueError, match=re.escape(f"fuser: {message}")):
+        moa_init("sd15", LAYERS, fuser, ENCODER)
+
+
 # --- the file ---------------------------------------------------------------------------------------------------------
 
 
@@ -235,6 +247,19 @@ METADATA_CASES = {
         "1",
         _set(("fuser", "num_layers"), 5),
         "the fuser indexes 5 cross-attention layers but the file has 2",
+    ),
+    "fuser text width": (
+        "comfyui-moa",
+        "1",
+        _set(("fuser", "text_dim"), 2048),
+        "the fuser does not fit the file's own layers (it makes 2048-d tokens but the cross-attention layers "
+        "read [12]-d",
+    ),
+    "fuser image width": (
+        "comfyui-moa",
+        "1",
+        _set(("fuser", "image_dim"), 768),
+        "(it reads 768-d image embeddings but the image encoder 'tiny-encoder' gives 6-d)",
     ),
 }
 
