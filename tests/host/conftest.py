@@ -4,18 +4,24 @@ import pytest
 import torch
 
 from comfyui_moa.moa_core import PersonalPrompt, RouterRecord
-from moa_testing.tiny import moa_weights_for, model_patcher, text_cond, tiny_sd15
+from moa_testing.tiny import family_cond, moa_weights_for, model_patcher, tiny_model
 
 
 @pytest.fixture
-def base_model():
-    return tiny_sd15(seed=0)
+def family() -> str:
+    """The tiny models' family; a test runs on both with `pytest.mark.parametrize("family", FAMILIES)`."""
+    return "sd15"
 
 
 @pytest.fixture
-def conds():
+def base_model(family):
+    return tiny_model(family, seed=0)
+
+
+@pytest.fixture
+def conds(family):
     """(positive, negative) of 77 tokens each."""
-    return text_cond(1), text_cond(2)
+    return family_cond(family, 1), family_cond(family, 2)
 
 
 def one_subject(prompt_length: int = 77, position: int = 5, seed: int = 3) -> PersonalPrompt:

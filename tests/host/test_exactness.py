@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from comfyui_moa.moa_core import FuserConfig, RouterMode
-from moa_testing.tiny import fill_, moa_weights_for, sample
+from moa_testing.tiny import FAMILIES, fill_, moa_weights_for, sample
+
+pytestmark = pytest.mark.parametrize("family", FAMILIES)
 
 
 def test_strength_zero_equals_base_model(base_model, conds, apply, trained):
@@ -33,7 +35,8 @@ def test_moa_init_equals_base_model_whatever_the_router(base_model, conds, apply
 
 
 def test_moa_init_without_fuser_conditioning_equals_base_model(base_model, conds, apply):
-    fuser = FuserConfig(timestep_conditioning=False, layer_conditioning=False)
+    text_dim = conds[0][0][0].shape[-1]  # SD1.5 768, SDXL 2048
+    fuser = FuserConfig(text_dim=text_dim, timestep_conditioning=False, layer_conditioning=False)
     weights = moa_weights_for(base_model, fuser=fuser)
     assert torch.equal(sample(apply(weights, router_mode=RouterMode.PERSONAL), *conds), sample(base_model, *conds))
 

@@ -17,7 +17,7 @@ def object_info():
     return local_object_info()
 
 
-def test_there_are_the_examples_the_paper_shows_and_the_ip_adapter_ones():
+def test_there_are_the_examples_the_paper_shows_the_ip_adapter_ones_and_sdxl_ones():
     names = {path.stem for path in EXAMPLES}
     assert names == {
         "moa_one_subject",
@@ -27,6 +27,8 @@ def test_there_are_the_examples_the_paper_shows_and_the_ip_adapter_ones():
         "moa_subject_swap_fixed_seed",
         "moa_ipadapter_two_people",
         "moa_ipadapter_controlnet_pose",
+        "moa_sdxl_one_subject",
+        "moa_sdxl_two_subjects",
     }
 
 

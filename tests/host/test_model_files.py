@@ -174,3 +174,37 @@ def test_moa_weights_file_loads_and_fits_the_checkpoint(checkpoint, moa_weights_
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     with pytest.raises(WeightsMismatchError):  # the check is real: another SD1.5 architecture does not fit
         check_weights_fit(tiny_sd15(), weights, "moa_weights")
+
+
+def test_sdxl_checkpoint_is_detected_as_sdxl_and_moa_runs_exactly_on_it(sdxl_checkpoint_file, caplog):
+    from comfyui_moa.moa_core import FAMILY_BLOCKS, PersonalPrompt, RouterMode, RouterRecord, family_layer_paths
+    from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
+    from comfyui_moa.nodes.host.text import bind_subject_words
+    from comfyui_moa.nodes.host.unet_layers import model_family
+    from moa_testing.tiny import model_patcher
+
+    with caplog.at_level(logging.WARNING):
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(sdxl_checkpoint_file))
+    assert not missing_key_warnings(caplog)
+    assert type(model.model.model_config) is comfy.supported_models.SDXL and model_family(model) == "sdxl"
+    assert model.model.model_type.name == "EPS"
+    paths = [spec.path for spec in layer_specs(model.model.diffusion_model)]
+    assert paths == family_layer_paths("sdxl") and len(paths) == 2 * len(FAMILY_BLOCKS["sdxl"]) == 140
+
+    bound = bind_subject_words(clip, "a photo of a man in a garden", ["man"])
+    (positive,), negative = clip.encode_from_tokens_scheduled(bound.tokens), encode(clip, "")
+    assert positive[0].shape == (1, bound.prompt_length, 2048) and positive[1]["pooled_output"].shape == (1, 1280)
+    embeds = torch.randn(1, 768, generator=torch.Generator().manual_seed(3))
+    prompt = PersonalPrompt.single(bound.prompt_length, bound.positions[0], [0] * len(bound.positions[0]), embeds)
+
+    def run(weights, record=None, **options):
+        patched = apply_moa(model, model_patcher(weights), prompt, MoAOptions(**options), record)
+        return sample(patched, [positive], negative, steps=2, size=128 // 8)
+
+    base = sample(model, [positive], negative, steps=2, size=128 // 8)
+    assert torch.equal(run(moa_weights_for(model), router_mode=RouterMode.PERSONAL), base)
+    trained = moa_weights_for(model, seed=7)
+    assert torch.equal(run(trained, router_mode=RouterMode.PRIOR), base)
+    record = RouterRecord(trained.paths)
+    assert (run(trained, record) - base).abs().max() > 1e-4
+    assert sorted(record.layers()) == list(range(140))  # every layer's router ran

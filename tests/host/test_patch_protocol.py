@@ -12,7 +12,9 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfyui_moa.moa_core import MoAError, PersonalPrompt, RouterMode, WeightsMismatchError
 from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
 from comfyui_moa.nodes.host.unet_layers import attention_modules, layer_specs
-from moa_testing.tiny import moa_weights_for, model_patcher, sample, text_cond, tiny_controlnet
+from moa_testing.tiny import FAMILIES, family_cond, moa_weights_for, model_patcher, sample, text_cond, tiny_controlnet
+
+both_families = pytest.mark.parametrize("family", FAMILIES)
 
 STEPS = 3
 
@@ -37,8 +39,11 @@ class CallLog:
             handle.remove()
 
 
+@both_families
 @pytest.mark.parametrize(("personal_rows", "personal_batch"), [("all", 2), ("cond", 1)])
-def test_every_layer_runs_both_experts_at_every_step(base_model, conds, apply, trained, personal_rows, personal_batch):
+def test_every_layer_runs_both_experts_at_every_step(
+    family, base_model, conds, apply, trained, personal_rows, personal_batch
+):
     modules = attention_modules(base_model.model.diffusion_model)
     # to_out: the personal q/k/v may be one matmul with a merged weight; the output projection
     # always runs on the expert's attention output
@@ -48,7 +53,7 @@ def test_every_layer_runs_both_experts_at_every_step(base_model, conds, apply, t
         sample(apply(trained, personal_rows=personal_rows, sparse_threshold=0.0), *conds, steps=STEPS)
     finally:
         log.close()
-    assert len(modules) == 8
+    assert len(modules) == {"sd15": 8, "sdxl": 22}[family]
     for path, batches in log.calls.items():
         # per step: the prior on cond + uncond (batch 2), then the personal expert
         assert batches == [2, personal_batch] * STEPS, path
@@ -62,7 +67,7 @@ class IPAdapterStyleReplace:
 
     def __init__(self, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        self.tokens = {dim: torch.randn(1, 4, dim, generator=generator) for dim in (32, 64)}
+        self.tokens = {dim: torch.randn(1, 4, dim, generator=generator) for dim in (32, 64, 128)}
         self.name = f"ipadapter-{seed}"
 
     @property
@@ -91,6 +96,7 @@ def layer_block(path):
     return block_key(path.rsplit(".", 1)[0])
 
 
+@both_families
 @pytest.mark.parametrize("moa_first", [False, True])
 def test_attn2_replace_of_another_pack_still_runs_and_stays_in_the_output(base_model, conds, trained, moa_first):
     def build(weights, router_mode=RouterMode.LEARNED, ipadapter=None):
@@ -104,7 +110,8 @@ def test_attn2_replace_of_another_pack_still_runs_and_stays_in_the_output(base_m
     replace = IPAdapterStyleReplace(seed=5)
     REPLACE_CALLS.clear()
     both = sample(build(trained, ipadapter=replace), *conds, steps=STEPS)
-    assert replace.calls == STEPS * 4  # every cross-attention block, every step (cond+uncond batched)
+    cross = sum(path.endswith("attn2") for path in attention_modules(base_model.model.diffusion_model))
+    assert replace.calls == STEPS * cross  # every cross-attention block, every step (cond+uncond batched)
     moa_only = sample(build(trained), *conds, steps=STEPS)
     assert (both - moa_only).abs().max() > 1e-4, "the other pack's attention had no effect beside MoA"
     ipadapter_only = sample(with_ipadapter(base_model, replace), *conds, steps=STEPS)
@@ -117,12 +124,13 @@ def one_prompt():
     return PersonalPrompt.single(77, [5], [0], embeds)
 
 
-def test_controlnet_in_the_same_run_still_works(base_model, apply, trained):
+@both_families
+def test_controlnet_in_the_same_run_still_works(family, base_model, apply, trained):
     controlnet = tiny_controlnet(base_model)
     hint = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     control = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
-    positive, negative = text_cond(1), text_cond(2)
-    controlled = [[positive[0][0], {"control": control, "control_apply_to_uncond": False}]]
+    positive, negative = family_cond(family, 1), family_cond(family, 2)
+    controlled = [[positive[0][0], {**positive[0][1], "control": control, "control_apply_to_uncond": False}]]
 
     base_cn = sample(base_model, controlled, negative)
     assert (base_cn - sample(base_model, positive, negative)).abs().max() > 1e-4, "the test ControlNet does nothing"
@@ -147,6 +155,7 @@ def lora_on_attention(model, seed: int):
     return patched
 
 
+@both_families
 def test_lora_on_the_model_reaches_both_experts(base_model, conds, trained):
     lora_model = lora_on_attention(base_model, seed=9)
     base_lora = sample(lora_model, *conds)
@@ -171,6 +180,7 @@ def test_lora_on_the_model_reaches_both_experts(base_model, conds, trained):
     assert torch.equal(lora_then_moa, moa_then_lora)
 
 
+@both_families
 def test_merged_projections_carry_the_lora_and_are_built_once_per_sampling_run(base_model, conds, trained, monkeypatch):
     """The GPU strategy sums each layer's host projection (called, so the LoRA is in it) and delta
     once per run: the host's q projections run once more per run, not once more per step."""
@@ -297,38 +307,27 @@ def test_weights_made_for_another_architecture_are_refused_before_cloning(base_m
     assert "patches" not in base_model.model_options.get("transformer_options", {})
 
 
-def test_sd15_weights_on_sdxl_are_refused(apply, trained):
-    from moa_testing.tiny import tiny_sdxl
+@pytest.mark.parametrize(("weights_family", "model_family"), [("sd15", "sdxl"), ("sdxl", "sd15")])
+def test_weights_of_the_other_family_are_refused_by_name(apply, weights_family, model_family):
+    from moa_testing.tiny import tiny_model
 
-    with pytest.raises(WeightsMismatchError, match="are for sd15 models but the model is sdxl"):
-        apply(trained, model=tiny_sdxl())
-
-
-def test_moa_on_tiny_sdxl_is_exact_at_init_and_acts_when_trained():
-    from moa_testing.tiny import tiny_sdxl
-
-    model = tiny_sdxl()
-    extra = {"pooled_output": torch.zeros(1, 1280), "width": 256, "height": 256}
-    positive, negative = text_cond(1, dim=2048, **extra), text_cond(2, dim=2048, **extra)
-    embeds = torch.randn(1, 768, generator=torch.Generator().manual_seed(3))
-    prompt = PersonalPrompt.single(77, [5], [0], embeds)
-    base = sample(model, positive, negative)
-    untrained = apply_moa(
-        model, model_patcher(moa_weights_for(model)), prompt, MoAOptions(router_mode=RouterMode.PERSONAL)
-    )
-    assert torch.equal(sample(untrained, positive, negative), base)
-    trained = apply_moa(model, model_patcher(moa_weights_for(model, seed=7)), prompt)
-    assert (sample(trained, positive, negative) - base).abs().max() > 1e-4
+    weights = moa_weights_for(tiny_model(weights_family), seed=7)
+    model = tiny_model(model_family)
+    with pytest.raises(
+        WeightsMismatchError, match=f"are for {weights_family} models but the model is {model_family}; load MoA"
+    ):
+        apply(weights, model=model)
+    assert "patches" not in model.model_options.get("transformer_options", {})
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@both_families
 def test_layer_tables_match_the_full_models(family):
     import comfy.supported_models
 
-    from benchmarks.bench_setup import SD15_UNET  # the benchmark's full SD1.5 UNet
+    from benchmarks.bench_setup import SD15_UNET, SDXL_UNET  # the benchmark's full UNets
     from comfyui_moa.moa_core import FAMILY_BLOCKS, family_layer_paths
 
-    configs = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, FULL_SDXL)}
+    configs = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}
     cls, unet = configs[family]
     config = cls(dict(unet))
     config.set_inference_dtype(torch.float32, None)
@@ -336,13 +335,3 @@ def test_layer_tables_match_the_full_models(family):
     specs = layer_specs(model.model.diffusion_model)
     assert [spec.path for spec in specs] == family_layer_paths(family)
     assert len(specs) == 2 * len(FAMILY_BLOCKS[family]) == {"sd15": 32, "sdxl": 140}[family]
-
-
-FULL_SDXL = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}  # fmt: skip

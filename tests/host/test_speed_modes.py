@@ -7,7 +7,9 @@ from comfyui_moa.moa_core import TrainingProbe
 from comfyui_moa.moa_core.errors import OptionsError
 from comfyui_moa.nodes.host.patch import PROBE_KEY, MoAOptions
 from comfyui_moa.nodes.host.unet_layers import attention_modules
-from moa_testing.tiny import sample
+from moa_testing.tiny import FAMILIES, sample
+
+both_families = pytest.mark.parametrize("family", FAMILIES)
 
 REPO_BENCHMARKS = __import__("moa_pack").ROOT / "benchmarks"
 
@@ -46,6 +48,7 @@ def centred_square(size: int = 256, area: float = 0.25) -> torch.Tensor:
     return region
 
 
+@both_families
 @pytest.mark.parametrize("threshold", [0.0, 0.05])
 def test_a_region_of_zeros_equals_base_model(base_model, conds, apply, trained, threshold):
     patched = apply(trained, region=torch.zeros(64, 64), sparse_threshold=threshold)
@@ -57,10 +60,12 @@ def test_a_region_of_ones_with_threshold_zero_equals_dense(conds, apply, trained
     assert torch.equal(sample(apply(trained, region=torch.ones(37, 53), sparse_threshold=0.0), *conds), dense)
 
 
+@both_families
 def test_cond_only_leaves_every_uncond_row_of_every_layer_exactly_prior(base_model, conds, apply, trained):
     patched, before, after = logged(base_model, apply, trained, personal_rows="cond")
     sample(patched, *conds, steps=2)
-    assert len(before.outputs) == len(after.outputs) == 2 * 8
+    layers = len(attention_modules(base_model.model.diffusion_model))
+    assert len(before.outputs) == len(after.outputs) == 2 * layers
     cond_changed = False
     for (prior, kinds), (mixed, _) in zip(before.outputs, after.outputs, strict=True):
         uncond, cond = kinds.index(1), kinds.index(0)
@@ -69,6 +74,7 @@ def test_cond_only_leaves_every_uncond_row_of_every_layer_exactly_prior(base_mod
     assert cond_changed
 
 
+@both_families
 def test_sparse_layers_keep_the_prior_exactly_outside_the_region_and_mix_inside(base_model, conds, apply, trained):
     patched, before, after = logged(base_model, apply, trained, region=centred_square(), sparse_threshold=0.01)
     sample(patched, *conds, steps=1)
@@ -116,6 +122,7 @@ def test_training_forwards_run_the_personal_expert_on_every_pixel(base_model, co
     assert len(probe.router) == 8
 
 
+@both_families
 def test_fused_personal_attention_matches_the_host_kernel_and_moa_init_stays_exact(
     base_model, conds, apply, trained, monkeypatch
 ):
@@ -139,6 +146,7 @@ def test_fused_personal_attention_matches_the_host_kernel_and_moa_init_stays_exa
     assert torch.equal(sample(untrained, *conds), base)
 
 
+@both_families
 def test_the_gpu_strategy_gives_the_cpu_strategys_mixture(base_model, conds, apply, trained, monkeypatch):
     """Where launching work costs more than doing it, the threshold zeroes w in place and q/k/v are
     not merged: fewer operations, the same result (here forced on the CPU)."""

@@ -36,6 +36,14 @@ def sd15_checkpoint_file(model_files_dir: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def sdxl_checkpoint_file(model_files_dir: Path) -> Iterator[Path]:
+    """checkpoints/moa_test_sdxl.safetensors: write_sdxl_checkpoint, detected as SDXL (2.2 GB, ~25 s)."""
+    from moa_testing.model_files import write_sdxl_checkpoint
+
+    yield from _written(write_sdxl_checkpoint(model_files_dir / "checkpoints" / "moa_test_sdxl.safetensors"))
+
+
+@pytest.fixture(scope="session")
 def sd15_controlnet_file(model_files_dir: Path) -> Iterator[Path]:
     """controlnet/moa_test_sd15_control.safetensors: a ControlNet for sd15_checkpoint_file (31 MB, ~0.1 s)."""
     from moa_testing.model_files import write_sd15_controlnet
@@ -75,6 +83,19 @@ def moa_weights_file(model_files_dir: Path, sd15_checkpoint_file: Path) -> Itera
     model = comfy.sd.load_checkpoint_guess_config(str(sd15_checkpoint_file), output_vae=False, output_clip=False)[0]
     yield from _written(
         write_moa_weights(model_files_dir / "moa" / "moa_test_sd15.safetensors", model, seed=7, fuser_std=1.0)
+    )
+
+
+@pytest.fixture(scope="session")
+def moa_sdxl_weights_file(model_files_dir: Path, sdxl_checkpoint_file: Path) -> Iterator[Path]:
+    """moa/moa_test_sdxl.safetensors: as moa_weights_file, for sdxl_checkpoint_file's UNet (140 layers)."""
+    import comfy.sd
+
+    from moa_testing.model_files import write_moa_weights
+
+    model = comfy.sd.load_checkpoint_guess_config(str(sdxl_checkpoint_file), output_vae=False, output_clip=False)[0]
+    yield from _written(
+        write_moa_weights(model_files_dir / "moa" / "moa_test_sdxl.safetensors", model, seed=7, fuser_std=1.0)
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moa_testing.tiny import TINY_SD15, moa_weights_for
+from moa_testing.tiny import TINY_SD15, TINY_SDXL, moa_weights_for
 
 SMALL_SD15_UNET = {
     **TINY_SD15,
@@ -76,29 +76,63 @@ def write_sd15_checkpoint(path: str | Path, seed: int = 0) -> Path:
     the full random CLIP-L of sd1_clip_config.json, the VAE TAESD (`first_stage_model.taesd_*`,
     `vae_scale`, `vae_shift`). Key names come from ComfyUI's own `state_dict_for_saving`; fp16.
     Keep images at 256 px or less (512 px costs 7-9 s a step on the CPU)."""
-    import comfy.sd
     import comfy.supported_models
-    import comfy.taesd.taesd
 
-    config = comfy.supported_models.SD15(dict(SMALL_SD15_UNET))
+    return _write_checkpoint(comfy.supported_models.SD15(dict(SMALL_SD15_UNET)), path, seed)
+
+
+SMALL_SDXL_UNET = {
+    **TINY_SDXL,
+    "model_channels": 320,  # SDXL's detection matches on 320 channels and transformer_depth [0, 0, 2, 2, 10, 10] ...
+    "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 1, 1],  # ... but not on the widths of its levels: all three stay at 320
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
+}
+"""The UNet of write_sdxl_checkpoint: SDXL's full attention layout (70 transformer blocks, 140 MoA layers),
+320 channels on every level where SDXL widens to 640 and 1280."""
+
+
+def write_sdxl_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """A checkpoint that `comfy.sd.load_checkpoint_guess_config` (CheckpointLoaderSimple) detects as SDXL (EPS).
+
+    The UNet is SMALL_SDXL_UNET, the text encoders SDXL's full random CLIP-L and OpenCLIP-bigG (their
+    configs are fixed, so they are most of the file), the VAE TAESD; fp16, as write_sd15_checkpoint."""
+    import comfy.supported_models
+
+    return _write_checkpoint(comfy.supported_models.SDXL(dict(SMALL_SDXL_UNET)), path, seed)
+
+
+def _write_checkpoint(config, path: str | Path, seed: int) -> Path:
+    """The model of `config` (a supported_models class built on its UNet config), its text encoders and
+    TAESD, random, under the key names of ComfyUI's own `state_dict_for_saving`."""
+    import comfy.sd
+
     config.set_inference_dtype(torch.float32, None)
     model = init_weights_(config.get_model({}), seed)
     clip = comfy.sd.CLIP(config.clip_target(), parameters=0)
     init_weights_(clip.cond_stage_model, seed + 1)
-    # Weights large enough, and a mid-grey output bias, for decoded images that vary instead of
-    # being black: tests compare pictures.
-    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=4), seed + 2, std=0.04)
-    with torch.no_grad():  # TAESD's own latent scale/shift, not random numbers
-        taesd.vae_scale.fill_(1.0)
-        taesd.vae_shift.fill_(0.0)
-        [*_, last] = (m for m in taesd.taesd_decoder.modules() if isinstance(m, torch.nn.Conv2d))
-        last.bias.fill_(0.5)
-    parts = {"clip_state_dict": clip.get_sd(), "vae_state_dict": taesd.state_dict()}
+    parts = {"clip_state_dict": clip.get_sd(), "vae_state_dict": _taesd(seed + 2).state_dict()}
     if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
         # ComfyUI 0.33 takes the UNet's state dict from its caller (0.3.64 and 0.8 read their own); given
         # the text encoder's in its place, it writes no UNet and the file is not detected as a checkpoint
         parts["unet_state_dict"] = model.diffusion_model.state_dict()
     return _save_fp16(model.state_dict_for_saving(**parts), path)
+
+
+def _taesd(seed: int) -> nn.Module:
+    """TAESD with weights large enough, and a mid-grey output bias, for decoded images that vary instead
+    of being black (tests compare pictures); its own latent scale and shift, not random numbers."""
+    import comfy.taesd.taesd
+
+    taesd = init_weights_(comfy.taesd.taesd.TAESD(latent_channels=4), seed, std=0.04)
+    with torch.no_grad():
+        taesd.vae_scale.fill_(1.0)
+        taesd.vae_shift.fill_(0.0)
+        [*_, last] = (m for m in taesd.taesd_decoder.modules() if isinstance(m, torch.nn.Conv2d))
+        last.bias.fill_(0.5)
+    return taesd
 
 
 def write_sd15_controlnet(path: str | Path, unet_config: Mapping | None = None, seed: int = 1) -> Path:

@@ -95,8 +95,10 @@ def moa_weights_for(model, seed: int | None = None, fuser_std: float = 0.05, **i
     weights = moa_init(model_family(model), layer_specs(model.model.diffusion_model), **init)
     if seed is not None:
         fill_(weights, seed, std=0.05)
-        for i, layer in enumerate(weights.layers):  # routers that vary per pixel on tiny activations
-            fill_(layer.router, seed + 1 + i, std=1.0)
+        for i, (spec, layer) in enumerate(zip(weights.config.layers, weights.layers, strict=True)):
+            # routers that vary per pixel on tiny activations; the logits grow with the width, so
+            # layers wider than 64 channels (tiny SDXL's) get weights shrunk by the width, or sigmoid saturates
+            fill_(layer.router, seed + 1 + i, std=min(1.0, 64 / spec.query_dim))
         fill_(weights.fuser, seed + 100, std=fuser_std)
     return weights.eval().requires_grad_(False)
 
@@ -116,6 +118,21 @@ def text_cond(seed: int, tokens: int = 77, dim: int = 768, **extra):
     """A CONDITIONING of one random text embedding [1, tokens, dim]."""
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, dim, generator=generator), dict(extra)]]
+
+
+FAMILIES = ("sd15", "sdxl")
+
+
+def tiny_model(family: str, seed: int = 0):
+    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl}[family](seed)
+
+
+def family_cond(family: str, seed: int, tokens: int = 77):
+    """A CONDITIONING as the family's text encoders give it: SDXL's is 2048-d with a pooled output."""
+    if family == "sd15":
+        return text_cond(seed, tokens)
+    pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(seed + 1000))
+    return text_cond(seed, tokens, dim=2048, pooled_output=pooled)
 
 
 TINY_CLIP_TEXT = {
@@ -154,6 +171,21 @@ def tiny_clip(seed: int = 0):
             super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=text_model, **kwargs)
 
     clip = comfy.sd.CLIP(ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinyClipModel), parameters=0)
+    fill_(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_sdxl_clip(seed: int = 0, embedding_directory: str | None = None):
+    """SDXL's two text encoders in ComfyUI's classes with 3 layers each (CLIP-L 768-d, OpenCLIP-bigG 1280-d),
+    its real tokenizers: a comfy.sd.CLIP whose context is 2048-d, with a pooled output."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    from comfy.supported_models_base import ClipTarget
+
+    small = {"num_hidden_layers": 3, "intermediate_size": 64}  # SDXL reads the penultimate layer
+    options = {"clip_l_model_config": small, "clip_g_model_config": small}
+    target = ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target, embedding_directory, parameters=0, model_options=options)
     fill_(clip.cond_stage_model, seed)
     return clip
 
