@@ -39,8 +39,8 @@ def sample_with_router_record(
         embeds[list(example.conditioned)] = encoded
     slots = [(p, s) for s, ps in zip(example.conditioned, example.binding.positions, strict=True) for p in ps]
     prompt = PersonalPrompt.single(example.binding.length, [p for p, _ in slots], [s for _, s in slots], embeds)
-    positive = [[models.clip.encode_from_tokens(example.binding.tokens), {}]]
-    negative = [[models.clip.encode_from_tokens(binder("", [], []).tokens), {}]]
+    positive = models.clip.encode_from_tokens_scheduled(example.binding.tokens, show_pbar=False)
+    negative = models.clip.encode_from_tokens_scheduled(binder("", [], []).tokens, show_pbar=False)
     record = RouterRecord(weights.paths)
     patched = apply_moa(models.model, weights_patcher, prompt, MoAOptions(), record)
     ratio = models.vae.downscale_ratio

@@ -70,12 +70,25 @@ def sample_noise(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def encode_captions(clip: Any, tokens: tuple) -> torch.Tensor:
-    """One-window captions -> text embeddings [b, t, d] in one text-encoder call: the batch's
-    windows laid end to end as one long prompt, which ComfyUI encodes window by window."""
+def encode_captions(clip: Any, tokens: tuple, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One-window captions -> (text embeddings [b, t, d], pooled outputs [b, p] or None) in one
+    text-encoder call: the batch's windows laid end to end as one long prompt, which ComfyUI encodes
+    window by window. ComfyUI pools a long prompt's first window only, so with `pooled` (SDXL, whose
+    UNet reads the pooled output) each caption is encoded on its own."""
+    if pooled:
+        encoded = [clip.encode_from_tokens(sample, return_pooled=True) for sample in tokens]
+        return torch.cat([c for c, _ in encoded]), torch.cat([p for _, p in encoded])
     joined = {key: [window for sample in tokens for window in sample[key]] for key in tokens[0]}
     encoded = clip.encode_from_tokens(joined)
-    return encoded.reshape(len(tokens), -1, encoded.shape[-1])
+    return encoded.reshape(len(tokens), -1, encoded.shape[-1]), None
+
+
+def size_conditioning(model: Any, pooled: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
+    """The UNet's `y` for models that take one (SDXL: the pooled text and the image size, uncropped, as
+    ComfyUI's CLIPTextEncode gives it), else None."""
+    if pooled is None:
+        return None
+    return model.encode_adm(pooled_output=pooled, width=width, height=height)
 
 
 def encode_subjects(vision: Any, crops: torch.Tensor, tail: nn.ModuleList) -> torch.Tensor:
@@ -128,7 +141,11 @@ class TrainingModel(nn.Module):
         frozen = self.frozen
         with torch.no_grad():
             x0 = frozen.model.model.process_latent_in(frozen.vae.encode(batch.images.movedim(1, -1))).to(device)
-            context = encode_captions(frozen.clip, batch.tokens).to(device)
+            base = frozen.model.model
+            context, pooled = encode_captions(frozen.clip, batch.tokens, pooled=base.adm_channels > 0)
+            height, width = batch.images.shape[-2:]
+            y = size_conditioning(base, pooled, height, width)
+            context, y = context.to(device), None if y is None else y.to(device)
         sampling = frozen.model.get_model_object("model_sampling")
         timestep = (batch.timesteps * len(sampling.sigmas)).floor().clamp(max=len(sampling.sigmas) - 1)
         sigma = sampling.sigma(timestep).to(device)
@@ -138,7 +155,7 @@ class TrainingModel(nn.Module):
         probe = TrainingProbe(self.plan.object_layers if self.plan.object_weight else ())
         options = training_options(frozen.model, prompt, probe, sigma)
         with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            denoised = frozen.model.model.apply_model(noisy, sigma, c_crossattn=context, transformer_options=options)
+            denoised = base.apply_model(noisy, sigma, c_crossattn=context, y=y, transformer_options=options)
         prediction = (noisy - denoised.float()) / sigma.view(-1, 1, 1, 1)  # eps, whatever the model predicts
         weights = v_weights(sigma) if self.plan.v_weighting else None
         return self._losses(prediction, noise, batch, probe, weights)

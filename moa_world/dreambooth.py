@@ -47,7 +47,7 @@ def _fine_tune(models: Any, identity: scenes.Identity, settings: FineTune, seed:
     tokens = [models.clip.tokenize(scene.caption) for scene, _ in renders]
     with torch.no_grad():
         x0 = base.process_latent_in(models.vae.encode(images))
-        context = encode_captions(models.clip, tuple(tokens))
+        context, _ = encode_captions(models.clip, tuple(tokens))
     sampling = base.model_sampling
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)

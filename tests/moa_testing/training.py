@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moa_testing.tiny import tiny_clip, tiny_clip_vision, tiny_sd15, tiny_vae
+from moa_testing.tiny import tiny_clip, tiny_clip_vision, tiny_model, tiny_sdxl_clip, tiny_vae
 
 
 def scaled_init_(module: nn.Module, seed: int) -> nn.Module:
@@ -30,16 +30,18 @@ def scaled_init_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def proof_models(folder: Path, seed: int = 0):
-    """moa_train.models.Models of the tiny SD1.5 UNet, tiny CLIP (ComfyUI's real tokenizer), the
-    tiny VAE and a 2-layer CLIP vision model with a 768-d projection (its config is written to `folder`)."""
+def proof_models(folder: Path, seed: int = 0, family: str = "sd15"):
+    """moa_train.models.Models of the tiny SD1.5 (or SDXL) UNet, its tiny text encoders (ComfyUI's
+    real tokenizers), the tiny VAE and a 2-layer CLIP vision model with a 768-d projection (its
+    config is written to `folder`)."""
     from moa_train.models import Models
 
-    unet = tiny_sd15(seed)
+    unet = tiny_model(family, seed)
     scaled_init_(unet.model.diffusion_model, seed)
     vision = tiny_clip_vision(folder, projection_dim=768, seed=seed)
     scaled_init_(vision.model, seed + 1)
-    return Models(unet, tiny_clip(seed), tiny_vae(seed), vision, "tiny_sd15", "tiny_clip_vision")
+    clip = tiny_clip(seed) if family == "sd15" else tiny_sdxl_clip(seed)
+    return Models(unet, clip, tiny_vae(seed), vision, f"tiny_{family}", "tiny_clip_vision")
 
 
 def proof_settings(root: Path, output: Path, steps: int = 120, **sections: dict[str, Any]) -> dict:

@@ -139,3 +139,20 @@ def test_training_the_last_clip_vision_layer_changes_it_alone_and_saves_it_besid
     with safe_open(str(result.weights_path.with_suffix(".clip_vision.safetensors")), framework="pt") as f:
         saved = f.get_tensor("vision_model.encoder.layers.1.mlp.fc1.weight")
     assert torch.equal(saved, models.vision.model.vision_model.encoder.layers[1].mlp.fc1.weight.float())
+
+
+def test_on_tiny_sdxl_the_router_learns_the_masks_and_the_weights_fit(data_dirs, tmp_path):
+    """The same proof on SDXL's layout (two text encoders, 2048-d context, the pooled output and image
+    size in the UNet's `y`), with the same settings and thresholds."""
+    from moa_testing.training import proof_models, proof_run, proof_settings
+    from moa_train.config import TrainConfig
+
+    train, held_out = data_dirs
+    models = proof_models(tmp_path, family="sdxl")
+    settings = proof_settings(train, tmp_path / "run", run={"preview_every": 120, "preview_steps": 2})
+    before, result, _, after = proof_run(TrainConfig.from_dict(settings), models, held_out)
+    assert before["all"]["prior_background"] == before["all"]["prior_subject"] == 0.5
+    assert mask_learning_failures(after) == []
+    weights = load_weights(result.weights_path)
+    assert weights.config.family == "sdxl" and weights.config.fuser.text_dim == 2048
+    assert len(weights.layers) == len(layer_specs(models.model.model.diffusion_model)) == 22
