@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="region off the subject: 0 (the default) leaves it to the prior; e.g. 0.05 stands in for a router "
         "that gives the background up to 5 %% instead of nothing",
     )  # fmt: skip
-    parser.add_argument("--model", default="sd15", choices=["sd15", "tiny"], help="tiny: check the script")
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "tiny"], help="tiny: check the script")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per mode")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--seed", type=int, default=42)
@@ -386,7 +386,8 @@ def header(args, params: float) -> list[str]:
         "### MoA sampling benchmark",
         "",
         f"- {machine()}",
-        f"- SD1.5-architecture UNet ({params:.1f} M parameters, random weights); one step = one model call on "
+        f"- {'SDXL' if args.model == 'sdxl' else 'SD1.5'}-architecture UNet ({params:.1f} M parameters, random "
+        f"weights); one step = one model call on "
         f"cond + uncond (batch 2) via `comfy.sample.sample` (euler, CFG 7); {args.steps} step(s) per call, "
         f"{args.rounds} round(s), modes in rotating order, each timed next to a base call; subject region: "
         f"centred square over {100 * args.subject_area:.0f} % of the image"
@@ -425,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = IPADAPTER_MODES if args.modes == "ipadapter-set" else args.modes
     modes = {spec: parse_mode(spec) for spec in specs.split(",")}
     tiny = args.model == "tiny"
-    base = bench_setup.build_unet(bench_setup.TINY_UNET if tiny else bench_setup.SD15_UNET)
-    positive, negative, prompt = bench_setup.conditioning()
+    unet = {"sd15": bench_setup.SD15_UNET, "sdxl": bench_setup.SDXL_UNET, "tiny": bench_setup.TINY_UNET}[args.model]
+    base = bench_setup.build_unet(unet)
+    positive, negative, prompt = bench_setup.conditioning(context_dim=unet["context_dim"])
     conds = (positive, negative)
     variants = build_variants(
         base,
@@ -450,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (model, _) in variants.items():
                 text = profile(model, size, args, conds, args.profile_rows)
                 profiles.append(f"#### {name}, {size} px\n```\n{text}\n```")
+    variants.clear()  # their weights go before the footer's set is built (SDXL's are 4 GB each)
+    gc.collect()
     full = bench_setup.random_moa(base, 0, args.seed)
     emit(["", *footer(full, maps, positive[0][0], tiny), *profiles])
     return 0

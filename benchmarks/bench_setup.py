@@ -26,6 +26,16 @@ SD15_UNET = {
 }  # fmt: skip
 """The full SD1.5 UNet (859.5 M parameters, 16 transformer blocks, 32 attention layers)."""
 
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}  # fmt: skip
+"""The full SDXL UNet (2567 M parameters, 70 transformer blocks, 140 attention layers)."""
+
 TINY_UNET = {
     **SD15_UNET,
     "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 0],
@@ -64,13 +74,14 @@ def fill_(module: torch.nn.Module, seed: int, std: float) -> None:
 
 
 def build_unet(config: dict, seed: int = 0):
-    """A ModelPatcher around an SD1.5-family UNet with normal(0, 0.02) weights, in the dtype
-    ComfyUI would run it in on this device (fp16 on a GPU, fp32 on the CPU)."""
+    """A ModelPatcher around an SD1.5- or SDXL-family UNet (SDXL: `config` has a 2048-d context) with
+    normal(0, 0.02) weights, in the dtype ComfyUI would run it in on this device (fp16 on a GPU, fp32 on the CPU)."""
     import comfy.model_management as mm
     import comfy.supported_models
     from comfy.model_patcher import ModelPatcher
 
-    model_config = comfy.supported_models.SD15(dict(config))
+    family = comfy.supported_models.SDXL if config["context_dim"] == 2048 else comfy.supported_models.SD15
+    model_config = family(dict(config))
     supported = model_config.supported_inference_dtypes
     dtype = mm.unet_dtype(supported_dtypes=supported)
     model_config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(), supported))
@@ -111,13 +122,17 @@ def weights_patcher(weights):
     )
 
 
-def conditioning(seed: int = 3):
-    """(positive, negative, prompt): random 77-token text embeddings and one subject bound to a word."""
+def conditioning(seed: int = 3, context_dim: int = 768):
+    """(positive, negative, prompt): random 77-token text embeddings (SDXL's 2048-d ones with a pooled
+    output) and one subject bound to a word."""
     from comfyui_moa.moa_core import PersonalPrompt
 
     generator = torch.Generator().manual_seed(seed)
-    positive = [[torch.randn(1, 77, 768, generator=generator), {}]]
-    negative = [[torch.randn(1, 77, 768, generator=generator), {}]]
+    conds = []
+    for _ in range(2):
+        extra = {"pooled_output": torch.randn(1, 1280, generator=generator)} if context_dim == 2048 else {}
+        conds.append([[torch.randn(1, 77, context_dim, generator=generator), extra]])
+    positive, negative = conds
     image = torch.randn(1, 768, generator=generator)
     return positive, negative, PersonalPrompt.single(77, [SUBJECT_TOKEN], [0], image)
 

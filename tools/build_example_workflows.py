@@ -17,6 +17,8 @@ import moa_pack  # noqa: E402
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 CLIP_VISION = "clip-vit-large-patch14.safetensors"
 MOA = "moa_sd15.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+SDXL_MOA = "moa_sdxl.safetensors"
 CONTROLNET = "control_v11p_sd15_openpose.safetensors"
 CLIP_VISION_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"  # the encoder of every SD1.5 IP-Adapter
 IPADAPTER = "ip-adapter-plus-face_sd15.safetensors"
@@ -95,18 +97,9 @@ class Graph:
         }
 
 
-def base(g: Graph) -> dict:
+def base(g: Graph, checkpoint: str = CHECKPOINT, moa: str = MOA, size: int = 512) -> dict:
     """Checkpoint, CLIP vision, InsightFace, MoA weights, negative prompt, latent: shared by every example."""
-    parts = {
-        "checkpoint": g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT),
-        "clip_vision": g.add("CLIPVisionLoader", (0, 160), clip_name=CLIP_VISION),
-        "faces": g.add("MoAInsightFaceLoader", (0, 280), model_pack="antelopev2", provider="CPU"),
-        "moa": g.add("MoALoader", (0, 420), moa_name=MOA),
-        "negative": g.add("CLIPTextEncode", (LOADERS, 580), title="Negative prompt", text=NEGATIVE),
-        "latent": g.add("EmptyLatentImage", (LOADERS, 760), width=512, height=512, batch_size=1),
-    }
-    g.connect(parts["checkpoint"], "CLIP", parts["negative"], "clip")
-    return parts
+    return base_without_moa(g, CLIP_VISION, checkpoint, size, moa)
 
 
 def subject(g: Graph, parts: dict, image: str, y: int, previous: dict | None = None) -> dict:
@@ -152,18 +145,18 @@ def sample_and_show(g: Graph, parts: dict, moa: dict, y: int = 0, conds=None, pr
         g.connect(masks, output, preview, "images")
 
 
-def one_subject(info: dict) -> dict:
+def one_subject(info: dict, sdxl: bool = False) -> dict:
     g = Graph(info)
-    parts = base(g)
+    parts = base(g, SDXL_CHECKPOINT, SDXL_MOA, 1024) if sdxl else base(g)
     person = subject(g, parts, "moa_subject_man.png", 0)
     moa = apply(g, parts, person, "a photo of a man hiking in the mountains, golden hour", "man")
     sample_and_show(g, parts, moa)
     return g.to_json()
 
 
-def two_subjects(info: dict) -> dict:
+def two_subjects(info: dict, sdxl: bool = False) -> dict:
     g = Graph(info)
-    parts = base(g)
+    parts = base(g, SDXL_CHECKPOINT, SDXL_MOA, 1024) if sdxl else base(g)
     first = subject(g, parts, "moa_subject_man.png", 0)
     second = subject(g, parts, "moa_subject_woman.png", ROW, previous=first)
     text = "a man and a woman dancing at a street festival, photo"
@@ -220,13 +213,19 @@ def ipadapter_base(g: Graph) -> dict:
     return parts
 
 
-def base_without_moa(g: Graph, clip_vision: str) -> dict:
+def base_without_moa(
+    g: Graph, clip_vision: str, checkpoint: str = CHECKPOINT, size: int = 512, moa: str | None = None
+) -> dict:
     parts = {
-        "checkpoint": g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=CHECKPOINT),
+        "checkpoint": g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=checkpoint),
         "clip_vision": g.add("CLIPVisionLoader", (0, 160), clip_name=clip_vision),
         "faces": g.add("MoAInsightFaceLoader", (0, 280), model_pack="antelopev2", provider="CPU"),
+    }
+    if moa is not None:  # before the rest: node ids stay those of the published files
+        parts["moa"] = g.add("MoALoader", (0, 420), moa_name=moa)
+    parts |= {
         "negative": g.add("CLIPTextEncode", (LOADERS, 580), title="Negative prompt", text=NEGATIVE),
-        "latent": g.add("EmptyLatentImage", (LOADERS, 760), width=512, height=512, batch_size=1),
+        "latent": g.add("EmptyLatentImage", (LOADERS, 760), width=size, height=size, batch_size=1),
     }
     g.connect(parts["checkpoint"], "CLIP", parts["negative"], "clip")
     return parts
@@ -278,6 +277,8 @@ EXAMPLES = {
     "moa_subject_swap_fixed_seed": swap,
     "moa_ipadapter_two_people": ipadapter_two_people,
     "moa_ipadapter_controlnet_pose": ipadapter_controlnet,
+    "moa_sdxl_one_subject": lambda info: one_subject(info, sdxl=True),
+    "moa_sdxl_two_subjects": lambda info: two_subjects(info, sdxl=True),
 }
 
 

@@ -20,6 +20,8 @@ MODEL_NAMES = {
     "controlnet/control_v11p_sd15_openpose.safetensors": "sd15_controlnet_file",
     "clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision_vith_file",
     "ipadapter/ip-adapter-plus-face_sd15.safetensors": "ipadapter_plus_face_file",
+    "checkpoints/sd_xl_base_1.0.safetensors": "sdxl_checkpoint_file",
+    "moa/moa_sdxl.safetensors": "moa_sdxl_weights_file",
 }
 
 
