@@ -9,7 +9,7 @@ three times as long while other test runs share the cores), and its size:
     write_sd15_checkpoint    1.5 s   303 MB  (UNet 26 M + CLIP-L 123 M + TAESD 2.4 M params, fp16);
                                              load 0.4 s, 2 steps at 256 px 2.5 s, TAESD decode 0.3 s
     write_sdxl_checkpoint     25 s   2.2 GB  (UNet 283 M + CLIP-L 123 M + bigG 695 M + TAESD, fp16); load
-                                             and MoA on 140 layers, 2 x 2 steps at 128 px: 22 s, 5.8 GB RSS
+                                             and 4 runs of 2 steps at 128 px, MoA on 140 layers: 22 s, 5.8 GB RSS
     write_sd15_controlnet    0.1 s    31 MB  (fp16); 2 steps at 128 px with it 0.4 s
     write_clip_vision_vitl   2.3 s   608 MB  (ViT-L/14, 303 M params, fp16); load 0.2 s, one
                                              encode_image 2.5-4 s
