@@ -12,7 +12,7 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfyui_moa.moa_core import MoAError, PersonalPrompt, RouterMode, WeightsMismatchError
 from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
 from comfyui_moa.nodes.host.unet_layers import attention_modules, layer_specs
-from moa_testing.tiny import FAMILIES, family_cond, moa_weights_for, model_patcher, sample, text_cond, tiny_controlnet
+from moa_testing.tiny import FAMILIES, moa_weights_for, model_patcher, sample, text_cond, tiny_controlnet
 
 both_families = pytest.mark.parametrize("family", FAMILIES)
 
@@ -125,11 +125,11 @@ def one_prompt():
 
 
 @both_families
-def test_controlnet_in_the_same_run_still_works(family, base_model, apply, trained):
+def test_controlnet_in_the_same_run_still_works(base_model, conds, apply, trained):
     controlnet = tiny_controlnet(base_model)
     hint = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     control = controlnet.copy().set_cond_hint(hint, 1.0, (0.0, 1.0))
-    positive, negative = family_cond(family, 1), family_cond(family, 2)
+    positive, negative = conds
     controlled = [[positive[0][0], {**positive[0][1], "control": control, "control_apply_to_uncond": False}]]
 
     base_cn = sample(base_model, controlled, negative)
