@@ -3,6 +3,7 @@
 from .apply import MoAApply
 from .host import folders
 from .init_weights import MoAInitWeights
+from .inversion import MoAInvert, MoARegenerate
 from .ipadapter import MoAIPAdapterApply, MoAIPAdapterLoader
 from .loaders import MoAInsightFaceLoader, MoALoader
 from .router_masks import MoARouterMasks
@@ -22,6 +23,8 @@ NODE_CLASS_MAPPINGS = {
     "MoAIPAdapterLoader": MoAIPAdapterLoader,
     "MoAIPAdapterApply": MoAIPAdapterApply,
     "MoAWorldLoader": MoAWorldLoader,
+    "MoAInvert": MoAInvert,
+    "MoARegenerate": MoARegenerate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -35,4 +38,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MoAIPAdapterLoader": "MoA IP-Adapter Loader",
     "MoAIPAdapterApply": "MoA IP-Adapter Apply",
     "MoAWorldLoader": "MoA World Loader",
+    "MoAInvert": "MoA Invert",
+    "MoARegenerate": "MoA Regenerate",
 }

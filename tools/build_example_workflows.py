@@ -131,14 +131,19 @@ def sample_and_show(g: Graph, parts: dict, moa: dict, y: int = 0, conds=None, pr
     g.connect(*positive, sampler, "positive")
     g.connect(*negative, sampler, "negative")
     g.connect(parts["latent"], "LATENT", sampler, "latent_image")
+    decode_and_show(g, parts, moa, (sampler, "LATENT"), y, prefix)
+
+
+def decode_and_show(g: Graph, parts: dict, moa: dict, latent: tuple[dict, str], y: int, prefix: str) -> None:
+    """The sampled (node, output) latent decoded and saved, and the router masks over it."""
     decode = g.add("VAEDecode", (DECODE, y))
-    g.connect(sampler, "LATENT", decode, "samples")
+    g.connect(*latent, decode, "samples")
     g.connect(parts["checkpoint"], "VAE", decode, "vae")
     save = g.add("SaveImage", (SHOW, y), filename_prefix=prefix)
     g.connect(decode, "IMAGE", save, "images")
     masks = g.add("MoARouterMasks", (DECODE, y + 160), layers="cross-attention")  # its viewer makes it tall
     g.connect(moa, "router_record", masks, "router_record")
-    g.connect(sampler, "LATENT", masks, "latent")
+    g.connect(*latent, masks, "latent")
     g.connect(decode, "IMAGE", masks, "image")
     for i, output in enumerate(("masks", "layer_step_grid")):
         preview = g.add("PreviewImage", (SHOW + 360 * i, y + ROW), title=f"Router {output.replace('_', ' ')}")
@@ -269,6 +274,34 @@ def ipadapter_controlnet(info: dict) -> dict:
     return g.to_json()
 
 
+def photo_new_person(info: dict) -> dict:
+    """A photo in, the same photo with another person out: invert with the plain model, regenerate with MoA."""
+    g = Graph(info)
+    parts = base(g)
+    text = "a photo of a man standing on a beach"  # what the photo shows, its person named by the word
+    photo = g.add("LoadImage", (LOADERS, ROW + 560), title="The photo: moa_photo.png", image="moa_photo.png")
+    encode = g.add("VAEEncode", (PHOTOS, ROW + 560))
+    g.connect(photo, "IMAGE", encode, "pixels")
+    g.connect(parts["checkpoint"], "VAE", encode, "vae")
+    describe = g.add("CLIPTextEncode", (PHOTOS, ROW + 720), title="Prompt describing the photo", text=text)
+    g.connect(parts["checkpoint"], "CLIP", describe, "clip")
+    invert = g.add("MoAInvert", (SUBJECTS, ROW + 560))
+    g.connect(parts["checkpoint"], "MODEL", invert, "model")
+    g.connect(describe, "CONDITIONING", invert, "positive")
+    g.connect(parts["negative"], "CONDITIONING", invert, "negative")
+    g.connect(encode, "LATENT", invert, "latent")
+    person = subject(g, parts, "moa_subject_woman.png", 0)
+    moa = apply(g, parts, person, text, "man")
+    regenerate = g.add("MoARegenerate", (SAMPLE, 0))
+    g.connect(moa, "model", regenerate, "model")
+    g.connect(moa, "positive", regenerate, "positive")
+    g.connect(parts["negative"], "CONDITIONING", regenerate, "negative")
+    g.connect(invert, "inversion", regenerate, "inversion")
+    g.connect(moa, "router_record", regenerate, "router_record")
+    decode_and_show(g, parts, moa, (regenerate, "latent"), 0, "MoA_photo")
+    return g.to_json()
+
+
 EXAMPLES = {
     "moa_one_subject": one_subject,
     "moa_two_subjects": two_subjects,
@@ -279,6 +312,7 @@ EXAMPLES = {
     "moa_ipadapter_controlnet_pose": ipadapter_controlnet,
     "moa_sdxl_one_subject": lambda info: one_subject(info, sdxl=True),
     "moa_sdxl_two_subjects": lambda info: two_subjects(info, sdxl=True),
+    "moa_photo_new_person": photo_new_person,
 }
 
 

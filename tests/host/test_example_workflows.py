@@ -29,6 +29,7 @@ def test_there_are_the_examples_the_paper_shows_the_ip_adapter_ones_and_sdxl_one
         "moa_ipadapter_controlnet_pose",
         "moa_sdxl_one_subject",
         "moa_sdxl_two_subjects",
+        "moa_photo_new_person",
     }
 
 

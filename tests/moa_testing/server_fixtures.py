@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 def write_inputs(folder: Path) -> None:
-    """The subject photos (synthetic faces the test insightface pack detects) and a pose image."""
+    """The subject photos (synthetic faces the test insightface pack detects), a pose image, and the
+    photo whose person the photo example replaces (256 px, the size the quick runs sample)."""
     import numpy as np
     from PIL import Image
 
@@ -41,6 +42,7 @@ def write_inputs(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(draw_faces(320, [(90, 70, 140)], seed=1)).save(folder / "moa_subject_man.png")
     Image.fromarray(draw_faces((300, 360), [(120, 60, 120)], seed=2)).save(folder / "moa_subject_woman.png")
+    Image.fromarray(draw_faces(256, [(80, 50, 110)], seed=3)).save(folder / "moa_photo.png")
     pose = np.zeros((256, 256, 3), np.uint8)
     pose[40:220, 120:136] = 255
     Image.fromarray(pose).save(folder / "moa_pose.png")
@@ -75,13 +77,13 @@ def run_workflow(comfy_server, tmp_path):
     import asyncio
 
     from comfyui_moa.moa_runner import run, workflow
-    from moa_testing.quick import QUICK
+    from moa_testing.quick import quick_for
 
     runs = iter(range(1000))
 
     def _run(ui: dict, *overrides: str):
         prompt = workflow.ui_to_api(ui, comfy_server.object_info())
-        run.apply_overrides(prompt, [*QUICK, *overrides])
+        run.apply_overrides(prompt, [*quick_for(prompt), *overrides])
         out = tmp_path / f"run{next(runs)}"
         return asyncio.run(run.run_prompt(comfy_server.url, prompt, out, timeout=600))
 
