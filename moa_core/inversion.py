@@ -26,7 +26,6 @@ class Inversion:
     sigmas: tuple[float, ...]
     latents: tuple[torch.Tensor, ...]
     cfg: float
-    refine: int
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,11 +71,11 @@ def invert(
 def sample_back(
     denoise: Denoiser,
     inversion: Inversion,
-    keep_mask: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    keep_mask: Callable[[int], torch.Tensor | None] | None = None,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Euler sampling down the inversion's sigmas from its noise (k-diffusion's `sample_euler`, step for
-    step). With `keep_mask(i, x)`, a mask [b, 1, h, w] or [1, 1, h, w] in [0, 1] of where the new
+    step). With `keep_mask(i)`, a mask [b, 1, h, w] or [1, 1, h, w] in [0, 1] of where the new
     sample may differ (1) after step i, the rest of x is set to the inverted walk's latent there
     (local blending); a None mask keeps nothing at that step."""
     sigmas = inversion.sigmas
@@ -87,14 +86,8 @@ def sample_back(
         if on_step is not None:
             on_step(i, x, denoised)
         x = x + (x - denoised) / sigma * (sigmas[i + 1] - sigma)
-        mask = keep_mask(i, x) if keep_mask is not None else None
+        mask = keep_mask(i) if keep_mask is not None else None
         if mask is not None:
             inverted = inversion.latents[i + 1].to(x)
             x = inverted + mask.to(x) * (x - inverted)
     return x
-
-
-def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
-    """||estimate - target|| / ||target||."""
-    estimate, target = estimate.detach().float(), target.detach().float()
-    return float((estimate - target).norm() / target.norm().clamp_min(1e-12))

@@ -86,7 +86,10 @@ class MoAInvert:
                 "negative": ("CONDITIONING", {"tooltip": "Used only when cfg is above 1."}),
                 "latent": ("LATENT", {"tooltip": "The photo, through VAE Encode."}),
                 "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "Regeneration uses the same."}),
-                "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "normal"}),
+                "scheduler": (
+                    comfy.samplers.SCHEDULER_NAMES,
+                    {"default": "normal", "tooltip": "The noise schedule; regeneration uses the same."},
+                ),
                 "cfg": (
                     "FLOAT",
                     {
@@ -141,7 +144,7 @@ class MoAInvert:
         )
         out = {key: value for key, value in latent.items() if key != "noise_mask"}
         out["samples"] = out_samples
-        out[INVERSION_KEY] = Inversion(tuple(sigmas.tolist()), tuple(path), cfg, refine)
+        out[INVERSION_KEY] = Inversion(tuple(sigmas.tolist()), tuple(path), cfg)
         return (out,)
 
 
@@ -222,7 +225,7 @@ class MoARegenerate:
 
 
 def _keep_mask(router_record, mask, shape):
-    """keep_mask(step, x) for sample_back: the given mask, or the router's maps of that step."""
+    """keep_mask(step) for sample_back: the given mask, or the router's maps of that step."""
     size = tuple(shape[-2:])
     if mask is not None:
         fixed = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=size, mode="bilinear")
@@ -230,14 +233,14 @@ def _keep_mask(router_record, mask, shape):
             raise MoAError(
                 f"MoARegenerate.mask: {fixed.shape[0]} masks for a batch of {shape[0]}; give one mask, or one per image"
             )
-        return lambda step, x: fixed
+        return lambda step: fixed
     if router_record is None:
         raise MoAError(
             "MoARegenerate.keep_outside: needs MoA Apply's router_record (with record_router_maps on) or a mask "
             "to know where the subject is; connect one, or turn keep_outside off"
         )
 
-    def from_router(step: int, x: torch.Tensor) -> torch.Tensor:
+    def from_router(step: int) -> torch.Tensor:
         layers = router_record.layers()
         if not layers:  # MoA has not acted yet: the prior painted every pixel
             return torch.zeros(1, 1, *size)

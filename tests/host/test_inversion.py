@@ -7,12 +7,17 @@ import pytest
 import torch
 
 from comfyui_moa.moa_core import MoAError
-from comfyui_moa.moa_core.inversion import relative_error
 from comfyui_moa.nodes import NODE_CLASS_MAPPINGS as NODES
 from moa_testing.tiny import FAMILIES
 
 STEPS = 8
 SEEDS = (0, 1, 2)
+
+
+def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
+    """||estimate - target|| / ||target||."""
+    estimate, target = estimate.detach().float(), target.detach().float()
+    return float((estimate - target).norm() / target.norm())
 
 
 def photo_latent(seed: int, size: int = 32) -> dict:
