@@ -12,6 +12,7 @@ projections merged once per sampling run, moa_core.merged; the threshold applied
 (host weights read per call, sparse pixels gathered); `nodes/host/patch.py::_compute_bound` chooses.
 
     python benchmarks/count_ops.py                      # the README table (full SD1.5 UNet, 256 px)
+    python benchmarks/count_ops.py --model sdxl         # the full SDXL UNet (140 MoA layers)
     python benchmarks/count_ops.py --model tiny         # checks the script in seconds
 
 Modes as in bench_sampling.py ("base", "dense", "default", "cond", "sparse=T", ...).
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--paths", default=",".join(PATHS), help="the patch's code paths to count: gpu, cpu")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (counts barely depend on it)")
     parser.add_argument("--subject-area", type=float, default=0.25, help="region: centred square of this area")
-    parser.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "tiny"])
     parser.add_argument(
         "--attention", default="pytorch", choices=["default", "pytorch", "sub_quad", "split"],
         help="the host's attention kernel: pytorch (fused SDPA) is what ComfyUI runs on NVIDIA GPUs",
@@ -112,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.paths.split(",")
     if unknown := [p for p in paths if p not in PATHS]:
         raise SystemExit(f"--paths: unknown path {unknown[0]!r} (gpu, cpu)")
-    base = bench_setup.build_unet(bench_setup.TINY_UNET if args.model == "tiny" else bench_setup.SD15_UNET)
+    config = {"sd15": bench_setup.SD15_UNET, "sdxl": bench_setup.SDXL_UNET, "tiny": bench_setup.TINY_UNET}[args.model]
+    base = bench_setup.build_unet(config)
     unet = base.model.diffusion_model
-    positive, negative, prompt = bench_setup.conditioning()
+    positive, negative, prompt = bench_setup.conditioning(context_dim=config["context_dim"])
     region = bench_setup.centred_square(args.subject_area)
     print("### Operations per model call (cond + uncond, batch 2)\n")
     area = f"{100 * args.subject_area:.0f} %"

@@ -5,7 +5,8 @@ Both walks are Euler steps on the probability-flow ODE in the sampler's own vari
 * eps, sigmas in the sampler's order), which on an EPS schedule is DDIM. Plain DDIM inversion takes a
 step's slope at its start, where sampling takes it at the other end, so each step is off by the change
 of slope along it. `refine` fixed-point iterations solve for the point whose sampling step lands on
-the previous one, making the inversion the sampler's own inverse as far as they converge.
+the previous one, making the inversion the sampler's own inverse as far as they converge; where they
+stop contracting for an image (its miss grows), that image keeps the point that missed least.
 """
 
 from collections.abc import Callable, Sequence
@@ -57,14 +58,25 @@ def invert(
     for i, (low, high) in enumerate(pairwise(upward)):
         step = high - low
         x_high = x + step * slope(denoise, x, max(low, sigma_floor))
+        best, best_miss = x_high, torch.full((len(x),), torch.inf, device=x.device)
+        stuck = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(refine):
-            # the sampling step from (x_high, high) must land on x
-            x_high = x + step * slope(denoise, x_high, high)
+            # the sampling step from (x_high, high) must land on x; it misses by x_high - x_next
+            x_next = x + step * slope(denoise, x_high, high)
+            miss = (x_next - x_high).flatten(1).norm(dim=1)
+            stuck |= miss >= best_miss  # not contracting: that image keeps its best point so far
+            best = torch.where(_rows(stuck, x), best, x_high)
+            best_miss = torch.where(stuck, best_miss, miss)
+            x_high = torch.where(_rows(stuck, x), best, x_next)
         x = x_high
         path.append(x)
         if on_step is not None:
             on_step(i, x)
     return path[::-1]
+
+
+def _rows(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.view(-1, *([1] * (like.ndim - 1)))
 
 
 @torch.no_grad()

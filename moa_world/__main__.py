@@ -10,7 +10,8 @@
   same prompts (background, subject words, object classes).
 - `ship [--source DIR]`: write the fp16 copy of the seed-0 world (or DIR) to moa_world/assets/prior.
 - `folder ROOT [--count 2000] [--seed 1]`: generic scenes in moa_train's folder layout.
-- `evaluate ...`, `demo-weights ...`: the evaluation and the demo's MoA weights (evaluate.py, demo.py).
+- `evaluate ...`, `demo-weights ...`, `photo-swap ...`: the evaluation, the demo's MoA weights and the
+  real-photo swap's figures (evaluate.py, demo.py, photo_swap.py).
 """
 
 import argparse
@@ -21,7 +22,11 @@ from pathlib import Path
 
 import moa_pack
 
-HANDED_OVER = {"evaluate": "moa_world.evaluate", "demo-weights": "moa_world.demo"}
+HANDED_OVER = {
+    "evaluate": "moa_world.evaluate",
+    "demo-weights": "moa_world.demo",
+    "photo-swap": "moa_world.photo_swap",
+}
 
 
 def _parser() -> argparse.ArgumentParser:

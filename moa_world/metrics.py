@@ -38,6 +38,12 @@ def outside_change(a: torch.Tensor, b: torch.Tensor, subjects: torch.Tensor) -> 
     return change.sum((1, 2, 3)) / (3 * outside.sum((1, 2, 3))).clamp(min=1.0)
 
 
+def inside_change(a: torch.Tensor, b: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
+    """Per image [b]: the mean absolute pixel change between images a and b over the pixels of `subjects`."""
+    inside = subjects.float()[..., None]
+    return ((a.float() - b.float()).abs() * inside).sum((1, 2, 3)) / (3 * inside.sum((1, 2, 3))).clamp(min=1.0)
+
+
 def iou(maps: torch.Tensor, masks: torch.Tensor, threshold: float = IOU_THRESHOLD) -> torch.Tensor:
     """Per image [b]: intersection over union of the router maps [b, h, w] above `threshold` and
     the subject masks [b, H, W] (the maps resized to the masks' size). Two empty sets give 1."""

@@ -198,9 +198,7 @@ def _score_swaps(tally: Tally, moa_images: dict) -> None:
                     (ia, ja), (ib, jb) = moa_images[(a, background)], moa_images[(b, background)]
                     subject = ja.masks.any(1) | jb.masks.any(1)
                     tally.add("swap_outside", metrics.outside_change(ia, ib, subject))
-                    inside = subject.float()[..., None]
-                    change = ((ia - ib).abs() * inside).sum((1, 2, 3)) / (3 * inside.sum((1, 2, 3))).clamp(min=1)
-                    tally.add("swap_inside", change)
+                    tally.add("swap_inside", metrics.inside_change(ia, ib, subject))
 
 
 def identity_pairs(count: int) -> list[tuple[scenes.Identity, scenes.Identity]]:

@@ -13,6 +13,10 @@ from ..moa_core import MoAError
 from ..moa_core.inversion import Inversion, invert, sample_back
 from .types import MOA_RECORD
 
+ROUTED = 0.5
+"""keep_outside lets a pixel change where the router's mean map r1 is above this: soft maps (r1 itself)
+pull the subject back towards the photo too (docs/small-world.md, "The real-photo swap")."""
+
 INVERSION_KEY = "moa_inversion"
 """Where MoA Invert's LATENT carries the inverted walk; other nodes copy or drop it."""
 
@@ -173,8 +177,8 @@ class MoARegenerate:
                     "BOOLEAN",
                     {
                         "default": False,
-                        "tooltip": "At every step, keep the photo's own walk where the router (or the mask) "
-                        "says the subject is not.",
+                        "tooltip": "At every step, keep the photo's own walk where the router sends pixels "
+                        "mostly to the prior (its mean map at or under 0.5), or where the mask is 0.",
                     },
                 ),
             },
@@ -244,6 +248,7 @@ def _keep_mask(router_record, mask, shape):
         layers = router_record.layers()
         if not layers:  # MoA has not acted yet: the prior painted every pixel
             return torch.zeros(1, 1, *size)
-        return router_record.stack(size, layers, [step], batch=shape[0])[0].mean(0)[:, None]
+        maps = router_record.stack(size, layers, [step], batch=shape[0])[0].mean(0)[:, None]
+        return (maps > ROUTED).float()
 
     return from_router

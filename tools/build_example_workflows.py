@@ -292,7 +292,7 @@ def photo_new_person(info: dict) -> dict:
     g.connect(encode, "LATENT", invert, "latent")
     person = subject(g, parts, "moa_subject_woman.png", 0)
     moa = apply(g, parts, person, text, "man")
-    regenerate = g.add("MoARegenerate", (SAMPLE, 0))
+    regenerate = g.add("MoARegenerate", (SAMPLE, 0), keep_outside=True)  # the router record keeps the rest
     g.connect(moa, "model", regenerate, "model")
     g.connect(moa, "positive", regenerate, "positive")
     g.connect(parts["negative"], "CONDITIONING", regenerate, "negative")
