@@ -274,10 +274,11 @@ def ipadapter_controlnet(info: dict) -> dict:
     return g.to_json()
 
 
-def photo_new_person(info: dict) -> dict:
-    """A photo in, the same photo with another person out: invert with the plain model, regenerate with MoA."""
+def photo_new_person(info: dict, ipadapter: bool = False) -> dict:
+    """A photo in, the same photo with another person out: invert with the plain model, regenerate with MoA
+    (or, with `ipadapter`, the IP-Adapter expert: no MoA weights)."""
     g = Graph(info)
-    parts = base(g)
+    parts = ipadapter_base(g) if ipadapter else base(g)
     text = "a photo of a man standing on a beach"  # what the photo shows, its person named by the word
     photo = g.add("LoadImage", (LOADERS, ROW + 560), title="The photo: moa_photo.png", image="moa_photo.png")
     encode = g.add("VAEEncode", (PHOTOS, ROW + 560))
@@ -291,14 +292,14 @@ def photo_new_person(info: dict) -> dict:
     g.connect(parts["negative"], "CONDITIONING", invert, "negative")
     g.connect(encode, "LATENT", invert, "latent")
     person = subject(g, parts, "moa_subject_woman.png", 0)
-    moa = apply(g, parts, person, text, "man")
+    moa = (ipadapter_apply if ipadapter else apply)(g, parts, person, text, "man")
     regenerate = g.add("MoARegenerate", (SAMPLE, 0), keep_outside=True)  # the router record keeps the rest
     g.connect(moa, "model", regenerate, "model")
     g.connect(moa, "positive", regenerate, "positive")
     g.connect(parts["negative"], "CONDITIONING", regenerate, "negative")
     g.connect(invert, "inversion", regenerate, "inversion")
     g.connect(moa, "router_record", regenerate, "router_record")
-    decode_and_show(g, parts, moa, (regenerate, "latent"), 0, "MoA_photo")
+    decode_and_show(g, parts, moa, (regenerate, "latent"), 0, "MoA_IPAdapter_photo" if ipadapter else "MoA_photo")
     return g.to_json()
 
 
@@ -313,6 +314,7 @@ EXAMPLES = {
     "moa_sdxl_one_subject": lambda info: one_subject(info, sdxl=True),
     "moa_sdxl_two_subjects": lambda info: two_subjects(info, sdxl=True),
     "moa_photo_new_person": photo_new_person,
+    "moa_ipadapter_photo_new_person": lambda info: photo_new_person(info, ipadapter=True),
 }
 
 

@@ -233,3 +233,32 @@ def test_word_and_input_errors_name_the_input_and_leave_the_model_alone(register
     patched, _, _ = apply(model, adapter, clip, subjects, clip_vision=vit_h)
     with pytest.raises(ValueError, match="model: this model already has MoA applied"):
         apply(patched, adapter, clip, subjects, clip_vision=vit_h)
+
+
+def test_the_ipadapter_expert_swaps_a_photos_subject_and_keep_outside_reads_its_attention_router(
+    registered, model, clip, vit_h
+):
+    """The photo swap with files artists have: MoA Invert, the IP-Adapter expert, MoA Regenerate. The
+    attention router records no maps in its warmup (the first fifth of the steps), so keep_outside holds
+    the whole photo there and then follows the maps (on the tiny random model: every pixel the subject's,
+    so nothing is held after the warmup)."""
+    (adapter,) = NODES["MoAIPAdapterLoader"].load("tiny_plus.safetensors")
+    subjects, _ = NODES["MoASubject"].encode(photo(1), vit_h, "largest face", 0.3)
+    negative = text_cond(9)
+    options = {"clip_vision": vit_h, "text": "a photo of a man on a beach", "words": "man"}
+    smooth = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    latent = torch.nn.functional.interpolate(smooth, size=(32, 32), mode="bicubic") * 5.0
+    patched, positive, _ = apply(model, adapter, clip, subjects, **options)
+    (inversion,) = NODES["MoAInvert"].invert(model, positive, negative, {"samples": latent}, 10, "normal", 1.0, 2)
+    (back,) = NODES["MoARegenerate"].regenerate(model, positive, negative, inversion, False)
+    assert (back["samples"] - latent).norm() < 1e-4 * latent.norm()
+    (free,) = NODES["MoARegenerate"].regenerate(patched, positive, negative, inversion, False)
+    patched, positive, record = apply(model, adapter, clip, subjects, **options)
+    (kept,) = NODES["MoARegenerate"].regenerate(patched, positive, negative, inversion, True, router_record=record)
+    assert record.steps() == list(range(2, 10)), "the router acts after its warmup, 2 of 10 steps"
+    last = record.stack((32, 32), record.layers(), [9], batch=1)[0].mean(0)[0]
+    assert last.min() > 0.5
+    # the warmup's held walk is the photo's, which the prior (alone in the warmup) follows anyway
+    free, kept = free["samples"], kept["samples"]
+    assert (free - latent).abs().mean() > 1e-3
+    assert (kept - free).norm() < 1e-3 * (free - latent).norm()
