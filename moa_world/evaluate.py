@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import scenes
-from .metrics import spread
+from .metrics import spread, table_lines
 
 logger = logging.getLogger(__name__)
 
@@ -152,11 +152,7 @@ TARGETS = {
 
 def format_table(runs: list[dict]) -> str:
     """Markdown: one row per figure, its value (mean ± sd (min-max) over runs), the target."""
-    lines = [f"| figure | value ({len(runs)} run{'s' * (len(runs) > 1)}) | target |", "|---|---|---|"]
-    for label, key in ROWS:
-        values = [run[key] for run in runs if run.get(key) is not None]
-        if values:
-            lines.append(f"| {label} | {spread(values)} | {TARGETS.get(key, '')} |")
+    lines = table_lines(runs, ROWS, TARGETS)
     groups = sorted({key for run in runs for key in run if key.startswith("iou:")})
     for key in groups:
         lines.append(f"| router IoU, {key[4:]} | {spread([run[key] for run in runs if key in run])} | |")

@@ -63,3 +63,17 @@ def spread(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def table_lines(runs: Sequence[dict], rows: Sequence[tuple[str, str]], targets: dict | None = None) -> list[str]:
+    """Markdown rows: per (label, key) of `rows` present in some run, its spread over runs (and its target)."""
+    plural = "s" * (len(runs) > 1)
+    lines = [f"| figure | value ({len(runs)} run{plural}) |", "|---|---|"]
+    if targets is not None:
+        lines = [lines[0] + " target |", lines[1] + "---|"]
+    for label, key in rows:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if values:
+            target = "" if targets is None else f" {targets.get(key, '')} |"
+            lines.append(f"| {label} | {spread(values)} |{target}")
+    return lines

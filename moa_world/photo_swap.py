@@ -31,7 +31,7 @@ from . import metrics, scenes
 from .demo import MOA_FILE, shipped_world
 from .graph import MoAInput, encode_subjects, encode_text, subject_photos
 from .grids import rows_picture
-from .metrics import spread
+from .metrics import table_lines
 from .models import load_world
 from .report import Tally, open_run, prompt, score_single
 
@@ -168,12 +168,7 @@ keep_outside and with no router (keep_outside off). Above each word's rows, its 
 
 
 def format_table(runs: list[dict]) -> str:
-    lines = [f"| figure | value ({len(runs)} run{'s' * (len(runs) > 1)}) |", "|---|---|"]
-    for label, key in ROWS:
-        values = [run[key] for run in runs if run.get(key) is not None]
-        if values:
-            lines.append(f"| {label} | {spread(values)} |")
-    return "\n".join(lines)
+    return "\n".join(table_lines(runs, ROWS))
 
 
 def main(argv: list[str] | None = None) -> int:
