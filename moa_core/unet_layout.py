@@ -88,3 +88,21 @@ _GROUP_TEST = {
 def layers_in_group(paths: list[str] | tuple[str, ...], group: str) -> list[int]:
     """Indices of the layer paths that belong to `group` (one of LAYER_GROUPS)."""
     return [i for i, path in enumerate(paths) if _GROUP_TEST[group](path)]
+
+
+GRID_LAYERS = 32
+"""The layer-step grid of the router masks gives each layer a row up to this many (SD1.5 has 32); more
+(SDXL: 140) are averaged per UNet block and attention kind, a row per block's self- or cross-attention."""
+
+
+def grid_rows(paths: list[str] | tuple[str, ...], layers: list[int], most: int = GRID_LAYERS) -> list[list[int]]:
+    """The rows of the layer-step grid for `layers` (indices into `paths`), in their order: one layer a
+    row when there are at most `most`, else the layers of one block (every transformer of
+    `input_blocks.7`, say) and one kind (attn1, attn2) together."""
+    if len(layers) <= most:
+        return [[i] for i in layers]
+    rows: dict[tuple[str, str], list[int]] = {}
+    for i in layers:
+        block, _, kind = paths[i].rpartition(".")
+        rows.setdefault((block.split(".transformer_blocks.")[0], kind), []).append(i)
+    return list(rows.values())

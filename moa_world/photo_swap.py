@@ -35,8 +35,6 @@ from .metrics import table_lines
 from .models import load_world
 from .report import Tally, open_run, prompt, score_single
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class SwapPlan:

@@ -1,11 +1,12 @@
 """MoA Router Masks: where the personal expert painted, as pictures."""
 
 import comfy.utils
+import torch
 
 from ..moa_core import MoAError
 from ..moa_core.record import KEPT_RUNS
 from ..moa_core.render import grid, heatmap, overlay
-from ..moa_core.unet_layout import LAYER_GROUPS, layers_in_group
+from ..moa_core.unet_layout import LAYER_GROUPS, grid_rows, layers_in_group
 from .host import viewer
 from .types import MOA_RECORD
 
@@ -16,7 +17,8 @@ class MoARouterMasks:
     DESCRIPTION = (
         "Shows where the router sent each pixel during the sampling run that made the latent: bright where "
         "the personal expert painted (the subject), dark where the frozen prior did. Averages the chosen "
-        "layers and steps; the grid shows every layer (rows) at every step (columns). Connect the sampler's "
+        "layers and steps; the grid shows every layer (rows) at every step (columns), or with more than 32 "
+        "layers (SDXL) every UNet block's self- and cross-attention. Connect the sampler's "
         "LATENT so it runs after sampling and reads that run's maps. After a run, the viewer on the node "
         "scrubs through the steps and layer groups without running again."
     )
@@ -26,7 +28,8 @@ class MoARouterMasks:
     OUTPUT_TOOLTIPS = (
         "Heatmap of the personal expert's share, over the image when one is connected.",
         "The personal expert's share per pixel (0: prior, 1: personal).",
-        "One heatmap per layer (rows, UNet order) and sampling step (columns), first image of the batch.",
+        "One heatmap per layer (rows, UNet order; SDXL: per block and attention kind) and sampling step "
+        "(columns), first image of the batch.",
     )
     FUNCTION = "render"
     OUTPUT_NODE = True  # the viewer on the node is an output of its own: it runs with nothing connected
@@ -79,6 +82,10 @@ class MoARouterMasks:
         progress.update(1)
         picture = overlay(image.cpu().float(), mask) if image is not None else heatmap(mask)
         everything = router_record.stack((GRID_TILE, GRID_TILE), chosen, steps, batch=1)[:, :, 0]  # [T, L, h, w]
+        rows = grid_rows(router_record.layer_paths, chosen)
+        if len(rows) < len(chosen):  # SDXL's 140 layers: a row per block and attention kind
+            position = {layer: k for k, layer in enumerate(chosen)}
+            everything = torch.stack([everything[:, [position[i] for i in row]].mean(1) for row in rows], 1)
         progress.update(1)
         shown = viewer.publish(router_record, layers, maps.shape[2], tuple(latent["samples"].shape[-2:]), image)
         progress.update(1)

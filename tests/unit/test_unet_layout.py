@@ -2,7 +2,15 @@ from collections import Counter
 
 import pytest
 
-from comfyui_moa.moa_core.unet_layout import FAMILY_BLOCKS, LayerSpec, block_key, block_path, family_layer_paths
+from comfyui_moa.moa_core.unet_layout import (
+    FAMILY_BLOCKS,
+    LayerSpec,
+    block_key,
+    block_path,
+    family_layer_paths,
+    grid_rows,
+    layers_in_group,
+)
 
 
 @pytest.mark.parametrize(
@@ -95,3 +103,18 @@ def test_layer_spec_is_cross_only_for_attn2():
     assert not self_attn.is_cross
     assert cross_attn.is_cross
     assert self_attn.block == cross_attn.block == ("output", 5, 1)
+
+
+def test_the_grid_has_a_row_per_layer_on_sd15_and_per_block_and_kind_on_sdxl():
+    sd15 = family_layer_paths("sd15")
+    assert grid_rows(sd15, list(range(32))) == [[i] for i in range(32)]
+    sdxl = family_layer_paths("sdxl")
+    cross = layers_in_group(sdxl, "cross-attention")
+    rows = grid_rows(sdxl, cross)
+    assert [len(row) for row in rows] == [2, 2, 10, 10, 10, 10, 10, 10, 2, 2, 2]  # input 4 5 7 8, middle, output 0-5
+    assert sorted(i for row in rows for i in row) == cross
+    for row in rows:
+        blocks = {block_key(sdxl[i].rpartition(".")[0])[:2] for i in row}
+        assert len(blocks) == 1 and all(sdxl[i].endswith(".attn2") for i in row)
+    every = grid_rows(sdxl, list(range(len(sdxl))))
+    assert len(every) == 22 and all(len({sdxl[i][-5:] for i in row}) == 1 for row in every)
