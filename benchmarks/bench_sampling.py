@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = IPADAPTER_MODES if args.modes == "ipadapter-set" else args.modes
     modes = {spec: parse_mode(spec) for spec in specs.split(",")}
     tiny = args.model == "tiny"
-    unet = {"sd15": bench_setup.SD15_UNET, "sdxl": bench_setup.SDXL_UNET, "tiny": bench_setup.TINY_UNET}[args.model]
+    unet = bench_setup.UNETS[args.model]
     base = bench_setup.build_unet(unet)
     positive, negative, prompt = bench_setup.conditioning(context_dim=unet["context_dim"])
     conds = (positive, negative)

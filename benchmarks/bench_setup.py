@@ -43,6 +43,9 @@ TINY_UNET = {
 }  # fmt: skip
 """A 1 M-parameter UNet of the same family, for checking the benchmark itself in seconds."""
 
+UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "tiny": TINY_UNET}
+"""The benchmarks' --model choices."""
+
 VISION_CONFIG = "clip_vision_config_vitl.json"
 TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
 

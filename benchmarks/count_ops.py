@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--paths", default=",".join(PATHS), help="the patch's code paths to count: gpu, cpu")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (counts barely depend on it)")
     parser.add_argument("--subject-area", type=float, default=0.25, help="region: centred square of this area")
-    parser.add_argument("--model", default="sd15", choices=["sd15", "sdxl", "tiny"])
+    parser.add_argument("--model", default="sd15", choices=list(bench_setup.UNETS))
     parser.add_argument(
         "--attention", default="pytorch", choices=["default", "pytorch", "sub_quad", "split"],
         help="the host's attention kernel: pytorch (fused SDPA) is what ComfyUI runs on NVIDIA GPUs",
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = args.paths.split(",")
     if unknown := [p for p in paths if p not in PATHS]:
         raise SystemExit(f"--paths: unknown path {unknown[0]!r} (gpu, cpu)")
-    config = {"sd15": bench_setup.SD15_UNET, "sdxl": bench_setup.SDXL_UNET, "tiny": bench_setup.TINY_UNET}[args.model]
+    config = bench_setup.UNETS[args.model]
     base = bench_setup.build_unet(config)
     unet = base.model.diffusion_model
     positive, negative, prompt = bench_setup.conditioning(context_dim=config["context_dim"])

@@ -38,6 +38,11 @@ def outside_change(a: torch.Tensor, b: torch.Tensor, subjects: torch.Tensor) -> 
     return change.sum((1, 2, 3)) / (3 * outside.sum((1, 2, 3))).clamp(min=1.0)
 
 
+def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image [b]: ||estimate - target|| / ||target|| (latents or images, batch first)."""
+    return (estimate - target).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1)
+
+
 def inside_change(a: torch.Tensor, b: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
     """Per image [b]: the mean absolute pixel change between images a and b over the pixels of `subjects`."""
     inside = subjects.float()[..., None]

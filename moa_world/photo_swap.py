@@ -68,11 +68,11 @@ class Regenerate:
         self.models, self.plan = models, plan
         self.negative = encode_text(models.clip, "")
 
-    def invert(self, text: str, pixels: torch.Tensor) -> dict:
-        latent = {"samples": self.models.vae.encode(pixels)}
+    def invert(self, text: str, latent: torch.Tensor) -> dict:
+        """MoA Invert of `latent` (VAE Encode's samples) with the prior."""
         plan = self.plan
         (inversion,) = MoAInvert.invert(
-            self.models.model, encode_text(self.models.clip, text), self.negative, latent, plan.steps,
+            self.models.model, encode_text(self.models.clip, text), self.negative, {"samples": latent}, plan.steps,
             plan.scheduler, plan.cfg, plan.refine,
         )  # fmt: skip
         return inversion
@@ -104,10 +104,10 @@ def measure(models: Any, moa_weights: Any, judges: Any, plan: SwapPlan) -> tuple
             photos = torch.stack([r.image.permute(1, 2, 0) for r in renders])
             truth = torch.stack([r.subject_masks[0] for r in renders])
             text = prompt((word,), background)
-            inversion = regenerate.invert(text, photos)
             original = models.vae.encode(photos)
+            inversion = regenerate.invert(text, original)
             rebuilt, latents = regenerate.back(inversion, text)
-            tally.add("recon_latent", (latents - original).flatten(1).norm(dim=1) / original.flatten(1).norm(dim=1))
+            tally.add("recon_latent", metrics.relative_error(latents, original))
             tally.add("recon_outside", metrics.outside_change(rebuilt, photos, truth))
             tally.add("recon_inside", metrics.inside_change(rebuilt, photos, truth))
             row = {"photo": photos, "reconstruction": rebuilt}

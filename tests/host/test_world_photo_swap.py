@@ -44,9 +44,9 @@ def cell_figures(models, moa, word: str, background: str, seed: int) -> dict:
     figures = {}
     for refine in (0, 2):
         regenerate = swap.Regenerate(models, swap.SwapPlan(refine=refine, seed=seed))
-        inversion = regenerate.invert(text, photos)
+        inversion = regenerate.invert(text, latent)
         _, back = regenerate.back(inversion, text)
-        figures[f"error_{refine}"] = (back - latent).flatten(1).norm(dim=1) / latent.flatten(1).norm(dim=1)
+        figures[f"error_{refine}"] = metrics.relative_error(back, latent)
     identity = next(i for i in scenes.HELD_OUT if i.word == word)
     subjects = graph.encode_subjects(models.vision, [identity], 3, seed)
     for name, mode, keep in (("moa", RouterMode.LEARNED, False), ("keep", RouterMode.LEARNED, True),
