@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         pos, neg = torch.randn(1, 257, 1280, generator=generator), torch.randn(1, 257, 1280, generator=generator)
     theirs, _ = plus.ipadapter_execute(base.clone(), nested, None, pos_embed=pos, neg_embed=neg, weight=0.8)
     adapter = build_ipadapter(flat, "compare")
-    paths = check_adapter_fits(base, adapter, "compare")
+    paths = check_adapter_fits(base, adapter.spec, "compare")
     options = {
         "weight": 0.8, "weight_type": "linear", "start_percent": 0.0, "end_percent": 1.0,
         "router_mode": "personal everywhere", "router": AttentionRouterConfig(), "sparse_threshold": 0.0,

@@ -39,15 +39,18 @@ ENCODERS = {  # (output, width) -> the CLIP vision model that gives it
     (HIDDEN_STATES, 1664): "CLIP ViT-bigG/14",
 }
 
-# Per-layer weights by cross-attention index in execution order (ComfyUI's transformer_index:
-# SD1.5's input 1, 2, 4, 5, 7, 8 are 0-5, the middle 6, output 3-11 are 7-15), named as
-# ComfyUI_IPAdapter_plus names them so its users find the ones they know.
-WEIGHT_PRESETS: dict[str, dict[int, float] | None] = {
+# Weights per transformer, by family and ComfyUI's transformer_index (SpatialTransformers counted in
+# execution order: SD1.5's input 1, 2, 4, 5, 7, 8 are 0-5, the middle 6, output 3-11 are 7-15; SDXL's
+# input 4, 5, 7, 8 are 0-3, the middle 4, output 0-5 are 5-10), named and placed as ComfyUI_IPAdapter_plus
+# places them so its users find the ones they know. SDXL's are InstantStyle's blocks: style in
+# up_blocks.0.attentions.1 (output 1), composition in down_blocks.2.attentions.1 (input 8). A
+# transformer's weight holds for every one of its layers (SDXL's have 2 or 10).
+WEIGHT_PRESETS: dict[str, dict[str, dict[int, float]] | None] = {
     "linear": None,  # every layer at the weight
-    "style transfer": dict.fromkeys((0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15), 1.0),
-    "composition": {4: 0.25, 5: 1.0},
+    "style transfer": {"sd15": dict.fromkeys((0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15), 1.0), "sdxl": {6: 1.0}},
+    "composition": {"sd15": {4: 0.25, 5: 1.0}, "sdxl": {3: 1.0}},
 }
-PRESET_LAYERS = 16  # the presets are defined on SD1.5's 16 cross-attention layers
+PRESET_TRANSFORMERS = {"sd15": 16, "sdxl": 11}  # the transformers the presets are defined on
 
 
 @dataclass(frozen=True)
@@ -177,16 +180,19 @@ def load_ipadapter(path: str | Path, input_name: str, convert_command: str) -> I
     return build_ipadapter(state_dict, input_name)
 
 
-def layer_weights(preset: str, weight: float, layers: int, input_name: str) -> list[float]:
-    """The weight of each cross-attention layer (execution order) under `preset`."""
+def layer_weights(
+    preset: str, weight: float, transformers: Sequence[int], family: str | None, input_name: str
+) -> list[float]:
+    """The weight of each cross-attention layer under `preset`, given each layer's transformer index."""
     if preset not in WEIGHT_PRESETS:
         raise WeightsFormatError(f"{input_name}: {preset!r} is not one of {sorted(WEIGHT_PRESETS)}")
     table = WEIGHT_PRESETS[preset]
     if table is None:
-        return [weight] * layers
-    if layers != PRESET_LAYERS:
+        return [weight] * len(transformers)
+    count = len(set(transformers))
+    if family not in table or count != PRESET_TRANSFORMERS[family]:
         raise WeightsFormatError(
-            f"{input_name}: {preset!r} is defined on SD1.5's {PRESET_LAYERS} cross-attention layers and this "
-            f"model has {layers}; use 'linear'"
+            f"{input_name}: {preset!r} is defined on SD1.5's {PRESET_TRANSFORMERS['sd15']} and SDXL's "
+            f"{PRESET_TRANSFORMERS['sdxl']} transformer blocks and this model has {count}; use 'linear'"
         )
-    return [weight * table.get(i, 0.0) for i in range(layers)]
+    return [weight * table[family].get(i, 0.0) for i in transformers]

@@ -26,8 +26,9 @@ APPLY = "MoAIPAdapterApply"
 
 class MoAIPAdapterLoader:
     DESCRIPTION = (
-        "Loads an SD1.5 IP-Adapter (ip-adapter_sd15, light_v11, plus, plus-face or full-face .safetensors) from "
-        "models/ipadapter as a MoA personal expert. A .bin file is refused with the one command that converts it."
+        "Loads an IP-Adapter from models/ipadapter as a MoA personal expert: SD1.5's ip-adapter_sd15, light_v11, "
+        "plus, plus-face, full-face, or SDXL's ip-adapter_sdxl_vit-h, plus_sdxl_vit-h, plus-face_sdxl_vit-h, "
+        "ip-adapter_sdxl (.safetensors). A .bin file is refused with the one command that converts it."
     )
     CATEGORY = "MoA/loaders"
     RETURN_TYPES = (MOA_IPADAPTER,)
@@ -80,7 +81,10 @@ class MoAIPAdapterApply:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.5 model (checkpoint, fine-tune, with LoRAs)."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "An SD1.5 or SDXL model (checkpoint, fine-tune, LoRAs): the IP-Adapter's family."},
+                ),
                 "ipadapter": (MOA_IPADAPTER, {"tooltip": "From MoA IP-Adapter Loader."}),
                 "clip": ("CLIP", {"tooltip": "The model's text encoder: encodes the prompt and finds the words."}),
                 "text": (
@@ -100,7 +104,10 @@ class MoAIPAdapterApply:
                         "The router puts each subject where the model draws its word.",
                     },
                 ),
-                "subjects": (MOA_SUBJECTS, {"tooltip": "From MoA Subject fed a CLIP ViT-H: one subject per word."}),
+                "subjects": (
+                    MOA_SUBJECTS,
+                    {"tooltip": "From MoA Subject fed a CLIP ViT-H (ip-adapter_sdxl: ViT-bigG): a subject per word."},
+                ),
                 "weight": _float(1.0, 0.0, 3.0, 0.05, "IP-Adapter's weight: how strongly each subject's image counts."),
                 "weight_type": (
                     list(WEIGHT_PRESETS),
@@ -190,7 +197,7 @@ class MoAIPAdapterApply:
         if start_percent > end_percent:
             raise MoAError(f"{APPLY}.start_percent: start is after end; the adapter would never act. Lower it")
         adapter = ipadapter.model
-        paths = check_adapter_fits(model, adapter, f"{APPLY}.ipadapter")
+        paths = check_adapter_fits(model, adapter.spec, f"{APPLY}.ipadapter")
         outputs = check_subjects(subjects, adapter, f"{APPLY}.subjects")
         bound = bind_subject_words(clip, text, words, (f"{APPLY}.text", f"{APPLY}.subject_words"))
         negative = negative_output(adapter, clip_vision, f"{APPLY}.clip_vision")

@@ -10,7 +10,7 @@ from comfy.model_patcher import ModelPatcher
 from ...moa_core import RouterRecord, WeightsMismatchError, block_key
 from ...moa_core.attention_router import AttentionRouterConfig
 from ...moa_core.errors import ConditioningError
-from ...moa_core.ipadapter import IMAGE_EMBEDS, IPAdapter, encoder_name, layer_weights
+from ...moa_core.ipadapter import IMAGE_EMBEDS, IPAdapter, IPAdapterSpec, encoder_name, layer_weights
 from .attention_router import read_level
 from .ipadapter_patch import IPLayerBinding, IPRuntime, fused_attention
 from .unet_layers import attention_modules, model_family
@@ -18,6 +18,7 @@ from .unet_layers import attention_modules, model_family
 CONVERTER = Path(__file__).resolve().parents[2] / "tools" / "convert_ipadapter.py"
 _FILE_ORDER = {"input": 0, "output": 1, "middle": 2}  # diffusers' processor order: down, up, mid
 _RUN_ORDER = {"input": 0, "middle": 1, "output": 2}  # execution order (ComfyUI's transformer_index)
+_EXAMPLE_FILES = {"sd15": "ip-adapter-plus_sd15.safetensors", "sdxl": "ip-adapter-plus_sdxl_vit-h.safetensors"}
 
 
 def convert_command() -> str:
@@ -30,6 +31,13 @@ def cross_attention_paths(model: ModelPatcher) -> list[str]:
     return [path for path in attention_modules(model.model.diffusion_model) if path.endswith(".attn2")]
 
 
+def transformer_indices(run_ordered: Sequence[str]) -> list[int]:
+    """ComfyUI's transformer_index of each layer (execution order): its SpatialTransformer's rank."""
+    blocks = [block_key(path.rsplit(".", 1)[0])[:2] for path in run_ordered]
+    ranks = {block: rank for rank, block in enumerate(dict.fromkeys(blocks))}
+    return [ranks[block] for block in blocks]
+
+
 def _order(paths: Sequence[str], rank: dict) -> list[str]:
     def key(path: str):
         name, block_id, index = block_key(path.rsplit(".", 1)[0])
@@ -38,14 +46,14 @@ def _order(paths: Sequence[str], rank: dict) -> list[str]:
     return sorted(paths, key=key)
 
 
-def check_adapter_fits(model: ModelPatcher, adapter: IPAdapter, input_name: str) -> list[str]:
-    """WeightsMismatchError unless the adapter was made for this model; the layers in file order."""
-    spec, family = adapter.spec, model_family(model)
+def check_adapter_fits(model: ModelPatcher, spec: IPAdapterSpec, input_name: str) -> list[str]:
+    """WeightsMismatchError unless the adapter of `spec` was made for this model; the layers in file order."""
+    family = model_family(model)
     if family != spec.family:
         raise WeightsMismatchError(
             f"{input_name}: this IP-Adapter is for {spec.family} models ({spec.context_dim}-d text) and the model is "
             f"{family or 'not one MoA supports'}; load the IP-Adapter made for {family or 'SD1.5'} "
-            "(e.g. ip-adapter-plus_sd15.safetensors)"
+            f"(e.g. {_EXAMPLE_FILES.get(family, _EXAMPLE_FILES['sd15'])})"
         )
     paths = _order(cross_attention_paths(model), _FILE_ORDER)
     modules = attention_modules(model.model.diffusion_model)
@@ -119,7 +127,10 @@ def build_runtime(
     adapter: IPAdapter = adapter_patcher.model
     modules = attention_modules(model.model.diffusion_model)
     ordered = _order(file_paths, _RUN_ORDER)
-    weights = layer_weights(options["weight_type"], options["weight"], len(ordered), options["input_name"])
+    weights = layer_weights(
+        options["weight_type"], options["weight"], transformer_indices(ordered), model_family(model),
+        options["input_name"],
+    )  # fmt: skip
     unet_paths = cross_attention_paths(model)
     layers = {}
     for run_index, path in enumerate(ordered):

@@ -31,6 +31,7 @@ def test_there_are_the_examples_the_paper_shows_the_ip_adapter_ones_and_sdxl_one
         "moa_sdxl_two_subjects",
         "moa_photo_new_person",
         "moa_ipadapter_photo_new_person",
+        "moa_ipadapter_sdxl_two_people",
     }
 
 

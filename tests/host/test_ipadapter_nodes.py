@@ -262,3 +262,85 @@ def test_the_ipadapter_expert_swaps_a_photos_subject_and_keep_outside_reads_its_
     free, kept = free["samples"], kept["samples"]
     assert (free - latent).abs().mean() > 1e-3
     assert (kept - free).norm() < 1e-3 * (free - latent).norm()
+
+
+# SDXL: the published files' shapes against the full SDXL UNet (on the meta device: layout, no
+# weights), and the nodes end to end on a tiny SDXL with its two text encoders.
+
+
+def full_model(family: str):
+    import comfy.supported_models
+
+    from benchmarks.bench_setup import SD15_UNET, SDXL_UNET
+    from moa_testing.tiny import model_patcher
+
+    cls, unet = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}[
+        family
+    ]
+    config = cls(dict(unet))
+    config.set_inference_dtype(torch.float32, None)
+    return model_patcher(config.get_model({}, device="meta"))
+
+
+@pytest.mark.parametrize("name", list(ipadapter_files.SDXL_FILES))
+def test_each_published_sdxl_file_reads_as_its_kind_and_fits_sdxls_70_layers_in_file_order(name):
+    from comfyui_moa.moa_core.ipadapter import read_spec
+    from comfyui_moa.nodes.host.attention_router import cross_attention_levels, read_level
+    from comfyui_moa.nodes.host.ipadapter import _RUN_ORDER, _order, check_adapter_fits, transformer_indices
+
+    spec, keys = read_spec(ipadapter_files.sdxl_state_dict(name), "ipadapter")
+    kind = ipadapter_files.SDXL_FILES[name][0]
+    plus = (PLUS, HIDDEN_STATES, 16)
+    expected = {"sd15": (LINEAR, IMAGE_EMBEDS, 4), "plus": plus, "plus-face": plus}[kind]
+    assert (spec.kind, spec.encoder_output, spec.tokens) == expected and spec.family == "sdxl"
+    assert spec.encoder_name == ("CLIP ViT-bigG/14" if name == "ip-adapter_sdxl.safetensors" else "CLIP ViT-H/14")
+    model = full_model("sdxl")
+    paths = check_adapter_fits(model, spec, "ipadapter")
+    assert len(paths) == len(keys) == 70 and keys[-1] == "139"
+    named = {0: "input_blocks.4.1", 4: "input_blocks.7.1", 24: "output_blocks.0.1", 54: "output_blocks.3.1"}
+    named |= {60: "middle_block.1"}
+    assert {i: paths[i] for i in named} == {i: f"{p}.transformer_blocks.0.attn2" for i, p in named.items()}
+    assert transformer_indices(_order(paths, _RUN_ORDER)) == ipadapter_files.SDXL_TRANSFORMERS
+    # the attention router reads the 32x32 layers at 1024 px (level 2): input 7, 8, middle, output 0-2
+    levels = cross_attention_levels(model)
+    assert read_level(model, 4) == 2 and sum(level == 2 for level in levels.values()) == 60
+    with pytest.raises(WeightsMismatchError, match="for sdxl models .* model is sd15; .* ip-adapter-plus_sd15"):
+        check_adapter_fits(full_model("sd15"), spec, "ipadapter")
+
+
+@pytest.fixture(scope="module")
+def sdxl_setup(tmp_path_factory):
+    """A tiny SDXL, its CLIP, and models/ipadapter with plus and linear adapters for it and an SD1.5 one."""
+    from moa_testing.tiny import tiny_sdxl, tiny_sdxl_clip
+
+    folder = tmp_path_factory.mktemp("ipadapter_sdxl")
+    model = tiny_sdxl()
+    for kind in ("plus", "sd15"):
+        state = ipadapter_files.state_dict_for(model, kind, std=0.2)
+        ipadapter_files.write(state, folder / f"tiny_sdxl_{kind}.safetensors")
+    ipadapter_files.write(ipadapter_files.state_dict_for(tiny_sd15(), "plus"), folder / "tiny_sd15_plus.safetensors")
+    return folder, tiny_sdxl_clip()
+
+
+def test_sdxl_adapters_apply_through_the_nodes_with_words_in_both_text_streams(sdxl_setup, vit_h, monkeypatch):
+    from moa_testing.tiny import family_cond, tiny_sdxl
+
+    folder, clip = sdxl_setup
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, folders.IPADAPTER, ([str(folder)], {".safetensors"}))
+    model, negative, subjects = tiny_sdxl(), family_cond("sdxl", 9), two_subjects(vit_h)
+    for kind in ("plus", "sd15"):
+        (adapter,) = NODES["MoAIPAdapterLoader"].load(f"tiny_sdxl_{kind}.safetensors")
+        assert adapter.model.spec.family == "sdxl" and adapter.model.spec.context_dim == 2048
+        patched, positive, record = apply(model, adapter, clip, subjects, clip_vision=vit_h, router_warmup=0.0)
+        assert positive[0][0].shape[-1] == 2048 and "pooled_output" in positive[0][1]
+        base = sample(model, positive, negative, steps=4)
+        assert (sample(patched, positive, negative, steps=4) - base).abs().max() > 1e-3, kind
+        assert record.runs == 1 and len(record.layers()) == len(cross_attention_paths(model))
+        off, positive_off, _ = apply(model, adapter, clip, subjects, clip_vision=vit_h, weight=0.0)
+        assert torch.equal(sample(off, positive_off, negative, steps=4), base)
+    with pytest.raises(WeightsFormatError, match="weight_type: 'style transfer' is defined on .* SDXL's 11"):
+        apply(model, adapter, clip, subjects, clip_vision=vit_h, weight_type="style transfer")
+    (sd15,) = NODES["MoAIPAdapterLoader"].load("tiny_sd15_plus.safetensors")
+    with pytest.raises(WeightsMismatchError, match="for sd15 models .* model is sdxl; .* ip-adapter-plus_sdxl_vit-h"):
+        apply(model, sd15, clip, subjects, clip_vision=vit_h)
+    assert untouched(model)

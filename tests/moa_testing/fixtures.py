@@ -114,3 +114,12 @@ def ipadapter_plus_face_file(model_files_dir: Path, sd15_checkpoint_file: Path) 
 
     path = model_files_dir / "ipadapter" / "moa_test_plus_face.safetensors"
     yield from _written(write_ipadapter_for_checkpoint(path, sd15_checkpoint_file))
+
+
+@pytest.fixture(scope="session")
+def ipadapter_sdxl_plus_face_file(model_files_dir: Path, sdxl_checkpoint_file: Path) -> Iterator[Path]:
+    """ipadapter/moa_test_sdxl_plus_face.safetensors: the same for sdxl_checkpoint_file's 70 layers (2048-d text)."""
+    from moa_testing.ipadapter_files import write_ipadapter_for_checkpoint
+
+    path = model_files_dir / "ipadapter" / "moa_test_sdxl_plus_face.safetensors"
+    yield from _written(write_ipadapter_for_checkpoint(path, sdxl_checkpoint_file))

@@ -38,7 +38,7 @@ def negative_of(adapter) -> torch.Tensor:
 
 
 def with_adapter(model, adapter, people, positions=((5,),), record=None, subject_record=None, **options):
-    paths = check_adapter_fits(model, adapter, "test")
+    paths = check_adapter_fits(model, adapter.spec, "test")
     settings = {
         "weight": 1.0,
         "weight_type": "linear",

@@ -4,7 +4,9 @@
 1280 in diffusers' processor order, keys 1, 3, ..., 31); `state_dict_for(model, kind)` the same
 layout for any loaded model (the tiny test UNets). Kinds: "sd15" (and "light_v11", the same
 shapes), "plus" (and "plus-face"), "full-face", "sdxl" (an SDXL ip-adapter_sdxl_vit-h's
-image projection and two of its layers).
+image projection and two of its layers). `sdxl_state_dict(name)` has a published SDXL file's
+shapes: its real image projection and its 70 layers' projections as meta tensors (shapes only;
+the files are 700 MB to 1 GB).
 """
 
 from pathlib import Path
@@ -14,9 +16,25 @@ import torch
 SD15_LAYER_DIMS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320, 1280)
 """Inner widths of SD1.5's cross-attention layers in file order: input 1, 2, 4, 5, 7, 8, output 3-11, middle."""
 
+SDXL_LAYER_DIMS = (640,) * 4 + (1280,) * 20 + (1280,) * 30 + (640,) * 6 + (1280,) * 10
+"""SDXL's 70 in file order: input 4, 5 (2 layers each), 7, 8 (10 each), output 0-2 (10), 3-5 (2), middle (10)."""
 
-def image_proj(kind: str, context_dim: int = 768, generator: torch.Generator | None = None) -> dict:
-    """The `image_proj.*` tensors of a file of `kind` (without the prefix)."""
+SDXL_TRANSFORMERS = [t for t, depth in enumerate((2, 2, 10, 10, 10, 10, 10, 10, 2, 2, 2)) for _ in range(depth)]
+"""ComfyUI's transformer_index of each of SDXL's 70 cross-attention layers, in execution order."""
+
+SDXL_FILES = {  # name: (kind, image encoder output width); plus files' Resampler is 1280 wide with 20 heads
+    "ip-adapter_sdxl_vit-h.safetensors": ("sd15", 1024),
+    "ip-adapter_sdxl.safetensors": ("sd15", 1280),  # OpenCLIP ViT-bigG image embeds
+    "ip-adapter-plus_sdxl_vit-h.safetensors": ("plus", 1280),
+    "ip-adapter-plus-face_sdxl_vit-h.safetensors": ("plus-face", 1280),
+}
+
+
+def image_proj(
+    kind: str, context_dim: int = 768, generator: torch.Generator | None = None, embed: int = 1024, width: int = 768
+) -> dict:
+    """The `image_proj.*` tensors of a file of `kind` (without the prefix). `embed`: the linear kinds'
+    image-embeds width; `width`: the Resampler's (768 in SD1.5's plus files, 1280 in SDXL's)."""
     g = generator or torch.Generator().manual_seed(0)
 
     def rand(*shape, std=0.02):
@@ -26,7 +44,6 @@ def image_proj(kind: str, context_dim: int = 768, generator: torch.Generator | N
         return {f"{prefix}.weight": 1 + rand(dim, std=0.1), f"{prefix}.bias": rand(dim)}
 
     if kind in ("sd15", "light_v11", "sdxl"):
-        embed = 1024
         return {
             "proj.weight": rand(4 * context_dim, embed),
             "proj.bias": rand(4 * context_dim),
@@ -39,7 +56,6 @@ def image_proj(kind: str, context_dim: int = 768, generator: torch.Generator | N
             **norm("proj.3", context_dim),
         }  # fmt: skip
     if kind in ("plus", "plus-face"):
-        width = 768
         out = {
             "latents": torch.randn(1, 16, width, generator=g) / width**0.5,
             "proj_in.weight": rand(width, 1280), "proj_in.bias": rand(width),
@@ -74,14 +90,27 @@ def sd15_state_dict(kind: str, seed: int = 0) -> dict:
     return state_dict_with(SD15_LAYER_DIMS, kind, seed=seed)
 
 
+def sdxl_state_dict(name: str, seed: int = 0) -> dict:
+    """The published SDXL file `name` (a key of SDXL_FILES): image projection with random values,
+    layers as meta tensors of their real shapes (for `read_spec` and the fit checks, not for loading)."""
+    kind, encoder = SDXL_FILES[name]
+    g = torch.Generator().manual_seed(seed)
+    proj = image_proj(kind, 2048, g, embed=encoder, width=1280)
+    out = {f"image_proj.{k}": v for k, v in proj.items()}
+    for i, dim in enumerate(SDXL_LAYER_DIMS):
+        for projection in ("to_k_ip", "to_v_ip"):
+            out[f"ip_adapter.{2 * i + 1}.{projection}.weight"] = torch.empty(dim, 2048, device="meta")
+    return out
+
+
 def state_dict_for(model, kind: str, seed: int = 0, std: float = 0.05) -> dict:
     """An IP-Adapter for a loaded model's cross-attention layers (file order: down, up, mid)."""
     from comfyui_moa.nodes.host.ipadapter import _FILE_ORDER, _order, cross_attention_paths
     from comfyui_moa.nodes.host.unet_layers import attention_modules
 
     modules = attention_modules(model.model.diffusion_model)
-    dims = [modules[p].to_k.out_features for p in _order(cross_attention_paths(model), _FILE_ORDER)]
-    return state_dict_with(dims, kind, seed=seed, std=std)
+    layers = [modules[p].to_k for p in _order(cross_attention_paths(model), _FILE_ORDER)]
+    return state_dict_with([k.out_features for k in layers], kind, layers[0].in_features, seed=seed, std=std)
 
 
 def write(state_dict: dict, path: str | Path, pickle: bool = False) -> Path:

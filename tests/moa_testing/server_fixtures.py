@@ -22,6 +22,7 @@ MODEL_NAMES = {
     "ipadapter/ip-adapter-plus-face_sd15.safetensors": "ipadapter_plus_face_file",
     "checkpoints/sd_xl_base_1.0.safetensors": "sdxl_checkpoint_file",
     "moa/moa_sdxl.safetensors": "moa_sdxl_weights_file",
+    "ipadapter/ip-adapter-plus-face_sdxl_vit-h.safetensors": "ipadapter_sdxl_plus_face_file",
 }
 
 

@@ -6,7 +6,7 @@ import torch
 from comfyui_moa.moa_core.errors import WeightsFormatError
 from comfyui_moa.moa_core.ipadapter import build_ipadapter, layer_weights, load_ipadapter, read_spec
 from comfyui_moa.moa_core.mixture import image_attention_difference, mix_differences
-from moa_testing.ipadapter_files import SD15_LAYER_DIMS, sd15_state_dict, state_dict_with, write
+from moa_testing.ipadapter_files import SD15_LAYER_DIMS, SDXL_TRANSFORMERS, sd15_state_dict, state_dict_with, write
 
 
 @pytest.mark.parametrize(
@@ -51,13 +51,23 @@ def test_pickles_are_refused_with_the_command_and_safetensors_load(tmp_path):
 
 
 def test_presets_follow_ipadapter_plus_on_sd15s_sixteen_layers():
-    assert layer_weights("linear", 0.7, 4, "w") == [0.7] * 4
-    composition = layer_weights("composition", 0.8, 16, "w")
+    assert layer_weights("linear", 0.7, range(4), None, "w") == [0.7] * 4
+    composition = layer_weights("composition", 0.8, range(16), "sd15", "w")
     assert composition[4] == 0.2 and composition[5] == 0.8 and sum(w > 0 for w in composition) == 2
-    style = layer_weights("style transfer", 1.0, 16, "w")
+    style = layer_weights("style transfer", 1.0, range(16), "sd15", "w")
     assert [i for i, w in enumerate(style) if w] == [0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15]
-    with pytest.raises(WeightsFormatError, match="w: 'style transfer' is defined on SD1.5's 16"):
-        layer_weights("style transfer", 1.0, 4, "w")
+    with pytest.raises(WeightsFormatError, match="w: 'style transfer' is defined on SD1.5's 16 .* model has 4"):
+        layer_weights("style transfer", 1.0, range(4), "sd15", "w")
+
+
+def test_sdxl_presets_are_instantstyles_blocks_with_every_layer_of_the_block():
+    assert layer_weights("linear", 0.5, SDXL_TRANSFORMERS, "sdxl", "w") == [0.5] * 70
+    style = layer_weights("style transfer", 0.9, SDXL_TRANSFORMERS, "sdxl", "w")
+    assert [i for i, w in enumerate(style) if w] == list(range(44, 54)) and max(style) == 0.9  # output block 1
+    composition = layer_weights("composition", 1.0, SDXL_TRANSFORMERS, "sdxl", "w")
+    assert [i for i, w in enumerate(composition) if w] == list(range(14, 24))  # input block 8
+    with pytest.raises(WeightsFormatError, match="w: 'composition' is defined on .* SDXL's 11 .* model has 3"):
+        layer_weights("composition", 1.0, [0, 0, 1, 1, 2], "sdxl", "w")
 
 
 def attention(q, k, v):
