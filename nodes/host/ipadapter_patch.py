@@ -1,6 +1,6 @@
 """IP-Adapter experts in the MoA patch protocol: list hooks and wrappers on a clone, nothing replaced.
 
-The same shape as patch.py's MoA patch: a DIFFUSION_MODEL wrapper plans each model call once,
+The same shape as patch.py's MoA patch: an APPLY_MODEL wrapper plans each model call once,
 attn2 input patches keep the cross-attention's input, attn2 output patches (which see the prior's
 output with everything ComfyUI and other packs put in it) add the experts' weighted difference,
 and an OUTER_SAMPLE wrapper starts the run: a fresh router record and a fresh RouterRun (the
@@ -215,19 +215,17 @@ def _out_matrix(module: torch.nn.Module, a: torch.Tensor) -> torch.Tensor:
 
 
 class IPStepWrapper(_Shared):
-    """DIFFUSION_MODEL wrapper: plans the call once and hands the plan to the layers."""
+    """APPLY_MODEL wrapper: plans the call once, outside the diffusion model (patch.MoAStepWrapper)."""
 
     def __init__(self, runtime: IPRuntime) -> None:
         self.runtime = runtime
 
-    def __call__(
-        self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs
-    ):
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
         transformer_options = transformer_options or {}
-        step = self.runtime.plan_step(x, context, transformer_options)
+        step = self.runtime.plan_step(x, c_crossattn, transformer_options)
         if step is not None:
             transformer_options = {**transformer_options, STEP_KEY: step}
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
 
 
 class IPRunWrapper(_Shared):
@@ -257,7 +255,7 @@ def apply_ipadapter(model: ModelPatcher, runtime: IPRuntime, input_name: str) ->
     patched = model.clone()
     patched.set_model_attn2_patch(IPInputPatch(runtime))
     patched.set_model_attn2_output_patch(IPOutputPatch(runtime))
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, IPStepWrapper(runtime))
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, IPStepWrapper(runtime))
     patched.add_wrapper_with_key(
         WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, IPRunWrapper(runtime.record, runtime.subject_record)
     )

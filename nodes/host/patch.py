@@ -1,6 +1,6 @@
 """The MoA patch: list hooks and wrappers on a model clone, nothing replaced, nothing monkeypatched.
 
-Per model call, a DIFFUSION_MODEL wrapper decides once whether MoA is active at this sigma and
+Per model call, an APPLY_MODEL wrapper decides once whether MoA is active at this sigma and
 which batch rows are cond rows, and passes that plan down in `transformer_options`. In every
 transformer block, the attn1/attn2 input patches keep the attention's input; the output patches
 (which see the prior's output, with whatever ComfyUI and other packs put into it) run the personal
@@ -207,8 +207,14 @@ class MoARuntime:
     heads: tuple[int, ...] = ()  # each MoA layer's head count
 
     def plan_step(
-        self, x: torch.Tensor, timesteps: torch.Tensor | None, context: torch.Tensor, transformer_options: dict
+        self,
+        x: torch.Tensor,
+        dtype: torch.dtype,
+        timesteps: torch.Tensor | None,
+        context: torch.Tensor,
+        transformer_options: dict,
     ) -> MoAStep | None:
+        """The plan of one model call on latents x (`dtype`: the diffusion model's input dtype)."""
         if self.options.strength == 0.0:
             return None
         sigmas = transformer_options.get("sigmas")
@@ -232,7 +238,7 @@ class MoARuntime:
         recording = self.record is not None and sigma is not None and bool(self.record.sigmas)
         step = self.record.step_of(sigma) if recording else None
         region = self.options.region
-        regions = None if region is None else region_levels(region, tuple(x.shape[-2:]), x.device, x.dtype)
+        regions = None if region is None else region_levels(region, tuple(x.shape[-2:]), x.device, dtype)
         reading = None
         if self.options.router_mode is RouterMode.ATTENTION:
             reading = self._reading(x, cond_rows, per_chunk, tokens, sigma, transformer_options)
@@ -307,6 +313,8 @@ class MoAOutputPatch(_Shared):
         probe: TrainingProbe | None = extra_options.get(PROBE_KEY)
         region = None if step.regions is None else _region(step, rt.options, x, extra_options)
         mixing = rt.mixing if probe is None else rt.training_mixing  # training reads every pixel
+        if mixing.gather and torch.compiler.is_compiling():  # a gather's size is data: a graph break
+            mixing = replace(mixing, gather=False)
         merged = None if probe is not None else self._merged(step, layer_index, x, context, value)
         if merged is not None:
             keys_values = None
@@ -410,19 +418,28 @@ def _grid(seq_len: int, extra_options: dict) -> tuple[int, int]:
 
 
 class MoAStepWrapper(_Shared):
-    """DIFFUSION_MODEL wrapper: plans the call once and hands the plan to the layers."""
+    """APPLY_MODEL wrapper: plans the call once and hands the plan to the layers. The planning (the
+    sigma read on the host, index lists) runs outside the diffusion model, so a compiled diffusion
+    model (TorchCompileModel's) traces none of it."""
 
     def __init__(self, runtime: MoARuntime) -> None:
         self.runtime = runtime
 
-    def __call__(
-        self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs
-    ):
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
         transformer_options = transformer_options or {}
-        step = self.runtime.plan_step(x, timesteps, context, transformer_options)
+        model = executor.class_obj
+        timesteps = model.model_sampling.timestep(t).float()
+        step = self.runtime.plan_step(x, input_dtype(model), timesteps, c_crossattn, transformer_options)
         if step is not None:
             transformer_options = {**transformer_options, STEP_KEY: step}
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+
+def input_dtype(model) -> torch.dtype:
+    """The dtype BaseModel._apply_model casts the diffusion model's input to (0.33: get_dtype_inference)."""
+    if hasattr(model, "get_dtype_inference"):
+        return model.get_dtype_inference()
+    return model.manual_cast_dtype or model.get_dtype()
 
 
 class MergedRun:
@@ -476,7 +493,7 @@ class MoARunWrapper(_Shared):
 
 
 def has_moa(model: ModelPatcher) -> bool:
-    return bool(model.get_wrappers(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY))
+    return bool(model.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY))
 
 
 def apply_moa(
@@ -537,7 +554,7 @@ def apply_moa(
     patched.set_model_attn2_patch(MoAInputPatch(runtime, cross=True))
     patched.set_model_attn1_output_patch(MoAOutputPatch(runtime, cross=False))
     patched.set_model_attn2_output_patch(MoAOutputPatch(runtime, cross=True))
-    patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, MoAStepWrapper(runtime))
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, MoAStepWrapper(runtime))
     attention, merge = options.router_mode is RouterMode.ATTENTION, bool(runtime.merge_per_run)
     if record is not None or attention or merge:
         patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, MoARunWrapper(record, attention, merge))

@@ -1,0 +1,90 @@
+"""Tier 2: MoA under ComfyUI's own TorchCompileModel node (inductor, on the CPU, a tiny SD1.5).
+
+Compiled MoA gives uncompiled MoA's output to float tolerance, and the patch costs dynamo nothing
+the base model does not cost it itself: the same graph breaks (the host's own: its sub-quadratic
+attention asks psutil for free memory), no new compiles when only the step or the strength
+changes, and no more than the base model's when the resolution does. The base model and MoA each
+run the same sequence of samplings from a fresh dynamo, and the counts are compared."""
+
+import pytest
+import torch
+
+from comfyui_moa.moa_core import PersonalPrompt
+from comfyui_moa.nodes.host.patch import MoAOptions, apply_moa
+from moa_testing.tiny import moa_weights_for, model_patcher, sample, text_cond
+
+
+def compiled(model):
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    return TorchCompileModel.execute(model, "inductor").args[0]
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graph breaks, frames compiled) since the last reset."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values()), counters["frames"]["ok"]
+
+
+def counts_over_runs(make_model) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Dynamo's counts after each of: 3 steps, the same again, 5 steps, the strength changed, 48 px
+    latents; and the first run's samples. `make_model(strength)` gives the (uncompiled) model."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    conds = (text_cond(1), text_cond(2))
+    model = compiled(make_model(1.0))
+    counts, first = [], sample(model, *conds, steps=3)
+    counts.append(dynamo_counts())
+    for run in (
+        lambda: sample(model, *conds, steps=3),
+        lambda: sample(model, *conds, steps=5),
+        lambda: sample(compiled(make_model(0.7)), *conds, steps=3),
+        lambda: sample(model, *conds, steps=3, size=48),
+    ):
+        run()
+        counts.append(dynamo_counts())
+    return counts, first
+
+
+@pytest.fixture(scope="module")
+def runs():
+    from moa_testing.tiny import tiny_sd15
+
+    base = tiny_sd15(0)
+    weights = model_patcher(moa_weights_for(base, seed=7))
+    prompt = PersonalPrompt.single(77, [5], [0], torch.randn(1, 768, generator=torch.Generator().manual_seed(3)))
+
+    def moa(strength):
+        return apply_moa(base, weights, prompt, MoAOptions(strength=strength), None)
+
+    base_counts, _ = counts_over_runs(lambda strength: base)
+    moa_counts, moa_compiled = counts_over_runs(moa)
+    torch._dynamo.reset()
+    eager = sample(moa(1.0), text_cond(1), text_cond(2), steps=3)
+    print(f"dynamo (graph breaks, frames) after each run: base {base_counts}, MoA {moa_counts}")
+    return base_counts, moa_counts, moa_compiled, eager
+
+
+def test_compiled_moa_gives_uncompiled_moas_output(runs):
+    *_, moa_compiled, eager = runs
+    scale = eager.abs().max()
+    print(f"max |compiled - eager| = {(moa_compiled - eager).abs().max():.3g} of {scale:.3g}")
+    torch.testing.assert_close(moa_compiled, eager, rtol=0, atol=1e-5 * float(scale))
+
+
+def test_the_patch_adds_no_graph_break(runs):
+    base_counts, moa_counts, *_ = runs
+    assert [breaks for breaks, _ in moa_counts] == [breaks for breaks, _ in base_counts]
+
+
+def test_no_recompile_per_step_or_strength_and_at_most_the_base_models_per_resolution(runs):
+    base_counts, moa_counts, *_ = runs
+    frames = [f for _, f in moa_counts]
+    base_frames = [f for _, f in base_counts]
+    assert frames[1] == frames[0], "the same sampling again compiled something"
+    assert frames[2] - frames[1] == base_frames[2] - base_frames[1], "more steps: MoA compiled more than the host"
+    assert frames[3] == frames[2], "a new strength compiled something"
+    assert frames[4] - frames[3] <= base_frames[4] - base_frames[3], "a new resolution: more compiles than the host"
