@@ -2,7 +2,8 @@
 
 On a GPU at SD1.5 sizes the step time follows the number of operations Python launches, not their
 maths (docs/benchmark-gpu.md), so this count is the GPU speed figure that needs no GPU: every aten
-operation dispatched inside the UNet's forward, for one model call on cond + uncond (batch 2) of
+operation dispatched inside the model call (`BaseModel.apply_model`: the UNet's forward and every
+wrapper around it, where MoA plans the call), for one model call on cond + uncond (batch 2) of
 `comfy.sample.sample` (euler, CFG 7), through the pack's real patch: the second call of a two-step
 run (the first builds what a run builds once; "first call" is how many more it dispatches). The
 count is deterministic.
@@ -23,7 +24,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,29 +46,23 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_model_calls(model, unet: torch.nn.Module, size: int, seed: int, conds, steps: int = 2) -> list[Counter]:
-    """`steps` sampling steps of `model`; the operations of each call of `unet`'s forward."""
+def count_model_calls(model, size: int, seed: int, conds, steps: int = 2) -> list[Counter]:
+    """`steps` sampling steps of `model`; the operations of each model call (`apply_model`)."""
     calls: list[Counter] = []
-    active: list[OpCounter] = []
+    base_model = model.model
+    apply_model = base_model.apply_model
 
-    def before(module, args, kwargs):
-        active.append(OpCounter())
-        active[-1].__enter__()
-
-    def after(module, args, kwargs, output):
-        counter = active.pop()
-        counter.__exit__(None, None, None)
+    def counted(*args, **kwargs):
+        with OpCounter() as counter:
+            output = apply_model(*args, **kwargs)
         calls.append(counter.counts)
+        return output
 
-    handles = [
-        unet.register_forward_pre_hook(before, with_kwargs=True),
-        unet.register_forward_hook(after, with_kwargs=True),
-    ]
+    base_model.apply_model = counted
     try:
         bench_sampling.sample_once(model, size, steps, seed, conds)
     finally:
-        for handle in handles:
-            handle.remove()
+        del base_model.apply_model
     return calls
 
 
@@ -115,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--paths: unknown path {unknown[0]!r} (gpu, cpu)")
     config = bench_setup.UNETS[args.model]
     base = bench_setup.build_unet(config)
-    unet = base.model.diffusion_model
     positive, negative, prompt = bench_setup.conditioning(context_dim=config["context_dim"])
     region = bench_setup.centred_square(args.subject_area)
     print("### Operations per model call (cond + uncond, batch 2)\n")
     area = f"{100 * args.subject_area:.0f} %"
     print(f"- {bench_sampling.machine()}; {args.model} UNet, {args.size} px, subject region {area} of the image; "
-          "every aten operation inside the UNet's forward\n")  # fmt: skip
+          "every aten operation of the model call (apply_model)\n")  # fmt: skip
     print("| path | mode | operations | MoA/base | largest extra kinds | first call |")
     print("|---|---|---|---|---|---|")
     base_counts = None
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode.rank is None and base_counts is not None:
                 continue  # the base model has one path
             model = variants[mode.name][0]
-            calls = count_model_calls(model, unet, args.size, args.seed, (positive, negative))
+            calls = count_model_calls(model, args.size, args.seed, (positive, negative))
             if len(calls) != 2:
                 raise SystemExit(f"expected one model call per step, counted {len(calls)} in two steps")
             counts = calls[1]
