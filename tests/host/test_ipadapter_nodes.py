@@ -17,7 +17,7 @@ from comfyui_moa.nodes.host.ipadapter import CONVERTER, cross_attention_paths
 from comfyui_moa.nodes.host.patch import has_moa
 from moa_testing import ipadapter_files
 from moa_testing.ipadapter import tiny_clip_vision_h
-from moa_testing.tiny import sample, text_cond, tiny_clip, tiny_clip_vision, tiny_sd15
+from moa_testing.tiny import full_model_on_meta, sample, text_cond, tiny_clip, tiny_clip_vision, tiny_sd15
 
 # the names users have, and what each is
 SD15_FILES = {
@@ -268,20 +268,6 @@ def test_the_ipadapter_expert_swaps_a_photos_subject_and_keep_outside_reads_its_
 # weights), and the nodes end to end on a tiny SDXL with its two text encoders.
 
 
-def full_model(family: str):
-    import comfy.supported_models
-
-    from benchmarks.bench_setup import SD15_UNET, SDXL_UNET
-    from moa_testing.tiny import model_patcher
-
-    cls, unet = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}[
-        family
-    ]
-    config = cls(dict(unet))
-    config.set_inference_dtype(torch.float32, None)
-    return model_patcher(config.get_model({}, device="meta"))
-
-
 @pytest.mark.parametrize("name", list(ipadapter_files.SDXL_FILES))
 def test_each_published_sdxl_file_reads_as_its_kind_and_fits_sdxls_70_layers_in_file_order(name):
     from comfyui_moa.moa_core.ipadapter import read_spec
@@ -294,7 +280,7 @@ def test_each_published_sdxl_file_reads_as_its_kind_and_fits_sdxls_70_layers_in_
     expected = {"sd15": (LINEAR, IMAGE_EMBEDS, 4), "plus": plus, "plus-face": plus}[kind]
     assert (spec.kind, spec.encoder_output, spec.tokens) == expected and spec.family == "sdxl"
     assert spec.encoder_name == ("CLIP ViT-bigG/14" if name == "ip-adapter_sdxl.safetensors" else "CLIP ViT-H/14")
-    model = full_model("sdxl")
+    model = full_model_on_meta("sdxl")
     paths = check_adapter_fits(model, spec, "ipadapter")
     assert len(paths) == len(keys) == 70 and keys[-1] == "139"
     named = {0: "input_blocks.4.1", 4: "input_blocks.7.1", 24: "output_blocks.0.1", 54: "output_blocks.3.1"}
@@ -305,7 +291,7 @@ def test_each_published_sdxl_file_reads_as_its_kind_and_fits_sdxls_70_layers_in_
     levels = cross_attention_levels(model)
     assert read_level(model, 4) == 2 and sum(level == 2 for level in levels.values()) == 60
     with pytest.raises(WeightsMismatchError, match="for sdxl models .* model is sd15; .* ip-adapter-plus_sd15"):
-        check_adapter_fits(full_model("sd15"), spec, "ipadapter")
+        check_adapter_fits(full_model_on_meta("sd15"), spec, "ipadapter")
 
 
 @pytest.fixture(scope="module")

@@ -322,16 +322,10 @@ def test_weights_of_the_other_family_are_refused_by_name(apply, weights_family, 
 
 @both_families
 def test_layer_tables_match_the_full_models(family):
-    import comfy.supported_models
-
-    from benchmarks.bench_setup import SD15_UNET, SDXL_UNET  # the benchmark's full UNets
     from comfyui_moa.moa_core import FAMILY_BLOCKS, family_layer_paths
+    from moa_testing.tiny import full_model_on_meta
 
-    configs = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}
-    cls, unet = configs[family]
-    config = cls(dict(unet))
-    config.set_inference_dtype(torch.float32, None)
-    model = model_patcher(config.get_model({}, device="meta"))
+    model = full_model_on_meta(family)
     specs = layer_specs(model.model.diffusion_model)
     assert [spec.path for spec in specs] == family_layer_paths(family)
     assert len(specs) == 2 * len(FAMILY_BLOCKS[family]) == {"sd15": 32, "sdxl": 140}[family]

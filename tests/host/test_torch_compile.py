@@ -3,8 +3,9 @@
 Compiled MoA gives uncompiled MoA's output to float tolerance, and the patch costs dynamo nothing
 of its own: no graph break of a kind the base model does not have (the host's: its sub-quadratic
 attention asks psutil for free memory; MoA's sigma read and sparse gathers happen outside the
-compiled model), no new compiles when only the step or the strength changes, and no more than the
-base model's when the resolution does. The base model and MoA each run the same sequence of
+compiled model), more steps recompile only what the base model recompiles, and a new strength or
+resolution compiles at most what a new resolution costs the base model (a new strength: nothing
+on ComfyUI 0.3.64 and 0.33, 4 frames on 0.8). The base model and MoA each run the same sequence of
 samplings from a fresh dynamo, and the counts are compared."""
 
 import pytest
@@ -88,7 +89,7 @@ def test_the_patch_adds_no_graph_break_of_its_own(runs):
     assert moa_counts[0][0] <= base_counts[0][0] + 4
 
 
-def test_no_recompile_per_step_or_strength_and_at_most_the_base_models_per_resolution(runs):
+def test_steps_recompile_only_what_the_host_does_and_strength_or_resolution_at_most_a_resolutions_worth(runs):
     base_counts, moa_counts, *_ = runs
     frames = [f for _, f in moa_counts]
     base_frames = [f for _, f in base_counts]

@@ -75,6 +75,20 @@ def tiny_sdxl(seed: int = 0):
     return model_patcher(model)
 
 
+def full_model_on_meta(family: str):
+    """The full SD1.5 or SDXL UNet (the benchmark's configs) on the meta device: its layout, no weights."""
+    import comfy.supported_models
+
+    from benchmarks.bench_setup import SD15_UNET, SDXL_UNET
+
+    cls, unet = {"sd15": (comfy.supported_models.SD15, SD15_UNET), "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}[
+        family
+    ]
+    config = cls(dict(unet))
+    config.set_inference_dtype(torch.float32, None)
+    return model_patcher(config.get_model({}, device="meta"))
+
+
 def tiny_controlnet(model, seed: int = 1):
     """A ControlNet in ComfyUI's classes with the tiny UNet's architecture, as the loader builds it."""
     import comfy.cldm.cldm
