@@ -25,8 +25,9 @@ def timestep_features(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features [b, dim] of diffusion timesteps [b] (0..999)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timestep.device, dtype=torch.float32) / half)
-    angles = timestep.float()[:, None] * freqs[None]
-    return F.pad(torch.cat([angles.cos(), angles.sin()], dim=-1), (0, dim - 2 * half))
+    angles = timestep.float()[:, None] * freqs
+    features = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    return features if dim == 2 * half else F.pad(features, (0, dim - 2 * half))
 
 
 class Fuser(nn.Module):
@@ -69,20 +70,22 @@ class Fuser(nn.Module):
         the cross-attention layers, or a long tensor of them broadcasting over the tokens' leading
         dims) with layer conditioning.
         """
-        lead = word.shape[:-1]
+        lead, width = word.shape[:-1], word.shape[-1]
         parts = [word, like(image, word).expand(*lead, -1)]
         if self.config.timestep_conditioning:
             if timestep is None:
                 raise ValueError("this fuser is timestep-conditioned: pass the timestep")
-            t = timestep_features(timestep.expand(lead).reshape(-1), self.config.cond_dim).to(word)
+            # once per timestep entry, then broadcast: the tokens' layers share their timesteps
+            flat = timestep if timestep.dim() == 1 else timestep.reshape(-1)
+            t = timestep_features(flat, self.config.cond_dim).to(word)
             t = F.linear(t, like(self.time_proj.weight, word), like(self.time_proj.bias, word))
-            parts.append(t.reshape(*lead, -1))
+            parts.append((t if timestep.dim() == 1 else t.view(*timestep.shape, -1)).expand(*lead, -1))
         if self.config.layer_conditioning:
             if layer is None:
                 raise ValueError("this fuser is layer-conditioned: pass the layer index")
             parts.append(like(self.layer_embedding.weight[layer], word).expand(*lead, -1))
-        h = torch.cat(parts, dim=-1)
+        h = torch.cat(parts, dim=-1).view(-1, self.norm.normalized_shape[0])  # the MLP on 2-D rows
         h = F.layer_norm(h, h.shape[-1:], like(self.norm.weight, word), like(self.norm.bias, word))
         h = F.gelu(F.linear(h, like(self.fc1.weight, word), like(self.fc1.bias, word)))
         h = F.gelu(F.linear(h, like(self.fc2.weight, word), like(self.fc2.bias, word)))
-        return word + F.linear(h, like(self.fc3.weight, word), like(self.fc3.bias, word))
+        return word + F.linear(h, like(self.fc3.weight, word), like(self.fc3.bias, word)).view(*lead, width)

@@ -6,16 +6,18 @@ matmuls and their reshapes, in every model call. Here the host's weights (as the
 them: LoRA, casting and streaming included, read by calling its modules once) and the deltas are
 summed once per sampling run into single matrices, so a layer is: the router (two matmuls, one
 sigmoid: a two-way softmax is the sigmoid of the logits' difference), q, k and v of
-self-attention in one matmul (k and v of cross-attention in another), the host's attention
-kernel on head-split views, the output projection in one addmm and the mix in one lerp. The
-personal keys and values of every cross-attention layer of one shape come from one batched
-matmul per model call (`CrossGroup`): their contexts differ only in the fused subject tokens. The
-mixture is `mixture.moa_attention`'s (r0 * prior + r1 * personal, the prior exactly where w is
-0), to float rounding: the weights are summed before the matmul rather than after.
+self-attention in one matmul (q alone in cross-attention), the host's attention kernel on
+head-split views, the output projection in one matmul and the mix in one lerp. Every matmul is
+batched over the hidden states' rows with its matrix expanded (a view, `MergedLayer.batched`),
+so the [b, n, c] states need no flattening and the results no unflattening. The personal keys
+and values of every cross-attention layer of one shape come from one batched matmul per model
+call (`CrossGroup`): their contexts differ only in the fused subject tokens. The mixture is
+`mixture.moa_attention`'s (r0 * prior + r1 * personal, the prior exactly where w is 0), to float
+rounding: the weights are summed before the matmul rather than after.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,28 @@ class MergedLayer:
     router_in_bias: torch.Tensor  # [hidden]
     router_out: torch.Tensor  # [hidden, 1]: the personal logit's row minus the prior's
     router_out_bias: torch.Tensor  # [1]
+    by_batch: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def batched(self, rows: int) -> "BatchedMatrices":
+        """The matrices expanded over `rows` batch rows: stride-0 views, built once per batch size."""
+        hit = self.by_batch.get(rows)
+        if hit is None:
+            kv = None if self.kv is None else self.kv.expand(rows, -1, -1)
+            hit = self.by_batch[rows] = BatchedMatrices(
+                *(m.expand(rows, -1, -1) for m in (self.q, self.out, self.router_in, self.router_out)), kv
+            )
+        return hit
+
+
+@dataclass(frozen=True)
+class BatchedMatrices:
+    """A MergedLayer's matrices as [b, in, out] views, for torch.bmm / torch.baddbmm."""
+
+    q: torch.Tensor
+    out: torch.Tensor
+    router_in: torch.Tensor
+    router_out: torch.Tensor
+    kv: torch.Tensor | None
 
 
 def merge_layer(layer: MoALayer, host: HostWeights) -> MergedLayer:
@@ -85,6 +109,7 @@ class CrossGroup:
     cross: torch.Tensor  # long [L]: their cross-attention indices (the fused tokens' layer axis)
     kv: torch.Tensor  # [L, d, 2i]: each layer's MergedLayer.kv
     heads: int
+    slots: torch.Tensor  # long [L, 1]: 0..L-1, the stacked contexts' index
 
 
 def cross_groups(
@@ -95,39 +120,47 @@ def cross_groups(
     for i in sorted(merged):
         if merged[i].kv is not None:
             shapes.setdefault((*merged[i].kv.shape, heads[i]), []).append(i)
-    return [
-        CrossGroup(
-            tuple(layers),
-            torch.tensor([cross_index[i] for i in layers], device=merged[layers[0]].kv.device),
-            torch.stack([merged[i].kv for i in layers]),
-            shape[-1],
+    groups = []
+    for shape, layers in shapes.items():
+        device = merged[layers[0]].kv.device
+        groups.append(
+            CrossGroup(
+                tuple(layers),
+                torch.tensor([cross_index[i] for i in layers], device=device),
+                torch.stack([merged[i].kv for i in layers]),
+                shape[-1],
+                torch.arange(len(layers), device=device)[:, None],
+            )
         )
-        for shape, layers in shapes.items()
-    ]
+    return groups
+
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]
+"""A cross-attention layer's personal keys and values, each [b, h, t, d]."""
 
 
 def personal_keys_values(
     context: torch.Tensor, tokens: SubjectTokens, fused: torch.Tensor, group: CrossGroup
-) -> dict[int, torch.Tensor]:
-    """Each layer's personal keys and values [2, b, h, t, d] for context [b, t, c], its subject
-    tokens replaced by their fuse_subjects output `fused` ([layers or 1, k, c]): one matmul for
-    the group, whose layers' contexts are stacked."""
+) -> dict[int, KeysValues]:
+    """Each layer's personal keys and values for context [b, t, c], its subject tokens replaced by
+    their fuse_subjects output `fused` ([layers or 1, k, c]): one matmul for the group, whose
+    layers' contexts are stacked."""
     b, t, c = context.shape
     count = len(group.layers)
     contexts = context.expand(count, b, t, c)
     if tokens.rows.numel():
         values = fused.expand(count, -1, -1) if fused.shape[0] == 1 else fused[group.cross]
-        slots = torch.arange(count, device=context.device)[:, None]
-        contexts = contexts.index_put((slots, tokens.rows, tokens.tokens), values)
+        contexts = contexts.index_put((group.slots, tokens.rows, tokens.tokens), values)
     kv = torch.bmm(contexts.reshape(count, b * t, c), group.kv)
-    kv = kv.view(count, b, t, 2, group.heads, -1).permute(0, 3, 1, 4, 2, 5)
-    return dict(zip(group.layers, kv.unbind(0), strict=True))
+    keys, values = kv.view(count, b, t, 2, group.heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)
+    return dict(zip(group.layers, zip(keys.unbind(0), values.unbind(0), strict=True), strict=True))
 
 
-def merged_router(flat: torch.Tensor, merged: MergedLayer) -> torch.Tensor:
-    """r1 [m, 1] for hidden states flat [m, c]: the learned router's personal share."""
-    hidden = F.gelu(torch.addmm(merged.router_in_bias, flat, merged.router_in))
-    return torch.sigmoid(torch.addmm(merged.router_out_bias, hidden, merged.router_out))
+def merged_router(x: torch.Tensor, merged: MergedLayer) -> torch.Tensor:
+    """r1 [b, n, 1] for hidden states x [b, n, c]: the learned router's personal share."""
+    batched = merged.batched(x.shape[0])
+    hidden = F.gelu(torch.baddbmm(merged.router_in_bias, x, batched.router_in))
+    return torch.sigmoid(torch.baddbmm(merged.router_out_bias, hidden, batched.router_out))
 
 
 def merged_moa_attention(
@@ -141,41 +174,40 @@ def merged_moa_attention(
     rows: torch.Tensor | None = None,
     region: torch.Tensor | None = None,
     r1: torch.Tensor | None = None,
-    keys_values: torch.Tensor | None = None,
+    keys_values: KeysValues | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`mixture.moa_attention` with merged projections, for self-attention (context is x) or
-    cross-attention (values from the context, or `keys_values` [2, B, h, t, d] from
-    personal_keys_values); threshold as Mixing.gather False (w zeroed in place). Returns
-    (mixed [B, n, c], r1 [b, n, 1])."""
+    cross-attention (values from the context, or `keys_values` from personal_keys_values);
+    threshold as Mixing.gather False (w zeroed in place). Returns (mixed [B, n, c], r1 [b, n, 1])."""
     cross = merged.kv is not None
     if rows is not None:
         x = x[rows]
         if keys_values is not None:
-            keys_values = keys_values[:, rows]
+            keys_values = (keys_values[0][rows], keys_values[1][rows])
         elif cross:
             context = context[rows]
         r1 = None if r1 is None else r1[rows]
-    b, n, c = x.shape
-    flat = x.reshape(b * n, c)
+    b, n, _ = x.shape
+    batched = merged.batched(b)
     if r1 is None:
         if mixing.router_mode is RouterMode.LEARNED:
-            r1 = merged_router(flat, merged).view(b, n, 1)
+            r1 = merged_router(x, merged)
         else:
             r1 = x.new_full((b, n, 1), 1.0 if mixing.router_mode is RouterMode.PERSONAL else 0.0)
     w = personal_share(r1, mixing.strength, region)
     if mixing.threshold > 0.0:
         w = F.threshold(w, mixing.threshold, 0.0)
     if cross:
-        q = (flat @ merged.q).view(b, n, heads, -1).transpose(1, 2)
+        q = torch.bmm(x, batched.q).view(b, n, heads, -1).transpose(1, 2)
         if keys_values is None:
             t = context.shape[1]
-            keys_values = (context.reshape(b * t, -1) @ merged.kv).view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4)
-        k, v = keys_values.unbind(0)
+            kv = torch.bmm(context, batched.kv).view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4)
+            keys_values = kv.unbind(0)
+        k, v = keys_values
     else:
-        q, k, v = (flat @ merged.q).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    a = attention(q, k, v).transpose(1, 2).reshape(b * n, -1)
-    out = a @ merged.out if merged.out_bias is None else torch.addmm(merged.out_bias, a, merged.out)
-    out = out.view(b, n, c)
+        q, k, v = torch.bmm(x, batched.q).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    a = attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+    out = torch.bmm(a, batched.out) if merged.out_bias is None else torch.baddbmm(merged.out_bias, a, batched.out)
     if rows is None:
         return torch.lerp(prior_out, out, w), r1
     return prior_out.index_copy(0, rows, torch.lerp(prior_out[rows], out, w)), r1

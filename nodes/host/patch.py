@@ -54,6 +54,7 @@ from ...moa_core.helpers import seq_to_hw
 from ...moa_core.merged import (
     CrossGroup,
     HostWeights,
+    KeysValues,
     MergedLayer,
     cross_groups,
     merge_layer,
@@ -140,8 +141,8 @@ class MoAStep:
 
     def personal_keys_values(
         self, context: torch.Tensor, layer_index: int, runtime: "MoARuntime", x: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Layer `layer_index`'s personal keys and values [2, b, h, t, d] for `context`: every merged
+    ) -> KeysValues | None:
+        """Layer `layer_index`'s personal keys and values for `context`: every merged
         cross-attention layer's at the first such call (moa_core.merged.personal_keys_values). None
         for a context other than the call's first (another pack gave this layer its own): the
         layer then builds its personal context itself."""
@@ -451,23 +452,29 @@ class MergedRun:
         self.groups: list[CrossGroup] | None = None
 
     def layer(self, runtime: MoARuntime, index: int, x: torch.Tensor) -> MergedLayer:
+        if self.groups is None and runtime.weights.config.layers[index].is_cross:
+            self.cross_groups(runtime, x)  # the layer as its group holds it, whose caches then fill
         merged = self.layers.get(index)
         if merged is None:
-            spec = runtime.weights.config.layers[index]
-            host = _host_weights(runtime.prior[index], spec.query_dim, spec.context_dim, spec.inner_dim, x)
-            merged = self.layers[index] = merge_layer(runtime.weights.layers[index], host)
+            merged = self.layers[index] = self._merge(runtime, index, x)
         return merged
 
     def cross_groups(self, runtime: MoARuntime, x: torch.Tensor) -> list[CrossGroup]:
         if self.groups is None:
             cross = [i for i in sorted(runtime.merge_per_run) if runtime.weights.config.layers[i].is_cross]
-            merged = {i: self.layer(runtime, i, x) for i in cross}
+            merged = {i: self.layers.get(i) or self._merge(runtime, i, x) for i in cross}
             heads = {i: runtime.heads[i] for i in cross}
             self.groups = cross_groups(merged, runtime.weights.cross_index, heads)
             for group in self.groups:  # the layers keep views of the stack, not copies
                 for j, i in enumerate(group.layers):
-                    self.layers[i] = replace(self.layers[i], kv=group.kv[j])
+                    self.layers[i] = replace(merged[i], kv=group.kv[j])
         return self.groups
+
+    @staticmethod
+    def _merge(runtime: MoARuntime, index: int, x: torch.Tensor) -> MergedLayer:
+        spec = runtime.weights.config.layers[index]
+        host = _host_weights(runtime.prior[index], spec.query_dim, spec.context_dim, spec.inner_dim, x)
+        return merge_layer(runtime.weights.layers[index], host)
 
 
 class MoARunWrapper(_Shared):

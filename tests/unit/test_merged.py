@@ -63,10 +63,10 @@ def test_the_merged_layer_gives_the_mixture_of_moa_attention(cross, rank, pertur
 
 def test_the_merged_router_is_the_routers_personal_share(perturb):
     layer = perturb(MoALayer(spec(False)), 4, std=0.5)
-    x = torch.randn(B * N, C)
+    x = torch.randn(B, N, C)
     lin = host_layer(False, 0)
     merged = merge_layer(layer, host_weights(lin))
-    torch.testing.assert_close(merged_router(x, merged), layer.router.personal_weight(x[None])[0], **TOL)
+    torch.testing.assert_close(merged_router(x, merged), layer.router.personal_weight(x), **TOL)
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -122,3 +122,9 @@ def test_batched_personal_keys_values_are_each_layers_own_from_its_personal_cont
         )
         torch.testing.assert_close(out, expected, **TOL)
         assert not torch.equal(own, context)
+        rows = torch.tensor([0, 2])  # the keys and values follow the rows the personal expert runs on
+        expected, _ = merged_moa_attention(prior_out, x, own, layer_merged, HEADS, heads_split, Mixing(), rows)
+        out, _ = merged_moa_attention(
+            prior_out, x, context, layer_merged, HEADS, heads_split, Mixing(), rows, keys_values=batched[i]
+        )
+        torch.testing.assert_close(out, expected, **TOL)
