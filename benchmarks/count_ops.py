@@ -13,6 +13,7 @@ projections merged once per sampling run, moa_core.merged; the threshold applied
 (host weights read per call, sparse pixels gathered); `nodes/host/patch.py::_compute_bound` chooses.
 
     python benchmarks/count_ops.py                      # the README table (full SD1.5 UNet, 256 px)
+    python benchmarks/count_ops.py --subject-area 0.25  # with bench_sampling.py's subject region
     python benchmarks/count_ops.py --model sdxl         # the full SDXL UNet (140 MoA layers)
     python benchmarks/count_ops.py --model tiny         # checks the script in seconds
 
@@ -89,7 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=MODES, help="comma-separated, as bench_sampling.py's")
     parser.add_argument("--paths", default=",".join(PATHS), help="the patch's code paths to count: gpu, cpu")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (counts barely depend on it)")
-    parser.add_argument("--subject-area", type=float, default=0.25, help="region: centred square of this area")
+    parser.add_argument(
+        "--subject-area", type=float, default=1.0,
+        help="a region: centred square of this area (1: none, as MoA Apply runs without one; a region adds one "
+        "multiply per layer)",
+    )  # fmt: skip
     parser.add_argument("--model", default="sd15", choices=list(bench_setup.UNETS))
     parser.add_argument(
         "--attention", default="pytorch", choices=["default", "pytorch", "sub_quad", "split"],
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     positive, negative, prompt = bench_setup.conditioning(context_dim=config["context_dim"])
     region = bench_setup.centred_square(args.subject_area)
     print("### Operations per model call (cond + uncond, batch 2)\n")
-    area = f"{100 * args.subject_area:.0f} %"
-    print(f"- {bench_sampling.machine()}; {args.model} UNet, {args.size} px, subject region {area} of the image; "
+    area = "no subject region" if region is None else f"subject region {100 * args.subject_area:.0f} % of the image"
+    print(f"- {bench_sampling.machine()}; {args.model} UNet, {args.size} px, {area}; "
           "every aten operation of the model call (apply_model)\n")  # fmt: skip
     print("| path | mode | operations | MoA/base | largest extra kinds | first call |")
     print("|---|---|---|---|---|---|")

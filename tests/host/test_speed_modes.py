@@ -315,8 +315,9 @@ def test_the_benchmark_background_stands_in_for_a_less_decisive_router(bench, ca
 
 def test_the_operation_count_shows_the_gpu_path_merging_once_per_run(monkeypatch, capsys):
     """count_ops on the tiny UNet: the GPU path's default stays well under the 2.2x it took before its
-    projections were merged per run (1.56x on v0.3.64: 8 layers, so the per-call plan weighs more than
-    on SD1.5's 32), its first call carries the merge, and the CPU path builds nothing per run."""
+    projections were merged per run (1.42x on v0.3.64, 1.40x on v0.33: 8 layers, so the per-call fuser
+    weighs more than among SD1.5's 32), its first call carries the merge, and the CPU path builds
+    nothing per run."""
     import comfy.cli_args
 
     monkeypatch.syspath_prepend(str(REPO_BENCHMARKS))
@@ -332,5 +333,5 @@ def test_the_operation_count_shows_the_gpu_path_merging_once_per_run(monkeypatch
         if line.startswith("| gpu") or line.startswith("| cpu")
     }
     gpu, cpu = rows[("gpu", "default")], rows[("cpu", "default")]
-    assert float(gpu[4]) < 1.7 and float(gpu[4]) < float(cpu[4])
+    assert float(gpu[4]) < 1.5 and float(gpu[4]) < float(cpu[4])
     assert int(gpu[6]) > 0 and int(cpu[6]) == 0  # the first call's extra operations: the merge

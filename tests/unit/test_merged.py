@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from comfyui_moa.moa_core.layer import MoALayer
 from comfyui_moa.moa_core.merged import HostWeights, merge_layer, merged_moa_attention, merged_router
@@ -128,3 +129,32 @@ def test_batched_personal_keys_values_are_each_layers_own_from_its_personal_cont
             prior_out, x, context, layer_merged, HEADS, heads_split, Mixing(), rows, keys_values=batched[i]
         )
         torch.testing.assert_close(out, expected, **TOL)
+
+
+class _OperationCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("cross", "most"), [(False, 14), (True, 13)])
+def test_a_merged_layer_dispatches_few_operations(cross, most, perturb, attention):
+    """What launching costs on a GPU (benchmarks/count_ops.py): the router (2 matmuls, gelu, sigmoid),
+    the threshold, q/k/v (cross: q, with the keys and values from the group's batch) with the head
+    split, the kernel, the head merge, the output matmul and the lerp; no flattening of the [b, n, c]
+    states. The matrices' batch views are built by the first call (the sampling run's)."""
+    prior_out, x, context, merged, _, _ = case(cross, perturb, attention, seed=3)
+    keys_values = None
+    if cross:
+        kv = (context @ merged.kv).view(B, T, 2, HEADS, -1).permute(2, 0, 3, 1, 4)
+        keys_values = tuple(kv.unbind(0))
+    mixing = Mixing(threshold=0.01, gather=False)
+    merged_moa_attention(prior_out, x, context, merged, HEADS, heads_split, mixing, keys_values=keys_values)
+    with _OperationCount() as count:
+        merged_moa_attention(prior_out, x, context, merged, HEADS, heads_split, mixing, keys_values=keys_values)
+    assert len(count.names) <= most, count.names
+    assert "view" not in count.names[: count.names.index("sigmoid")]  # the router reads x as it comes
