@@ -57,6 +57,11 @@ class Fuser(nn.Module):
             self.fc3.weight.zero_()
             self.fc3.bias.zero_()
 
+    def time_embedding(self, timestep: torch.Tensor, like_tensor: torch.Tensor) -> torch.Tensor:
+        """The timestep embedding [b, cond_dim] of timesteps [b] (0..999), in like_tensor's dtype and device."""
+        features = timestep_features(timestep, self.config.cond_dim).to(like_tensor)
+        return F.linear(features, like(self.time_proj.weight, like_tensor), like(self.time_proj.bias, like_tensor))
+
     def forward(
         self,
         word: torch.Tensor,
@@ -76,9 +81,7 @@ class Fuser(nn.Module):
             if timestep is None:
                 raise ValueError("this fuser is timestep-conditioned: pass the timestep")
             # once per timestep entry, then broadcast: the tokens' layers share their timesteps
-            flat = timestep if timestep.dim() == 1 else timestep.reshape(-1)
-            t = timestep_features(flat, self.config.cond_dim).to(word)
-            t = F.linear(t, like(self.time_proj.weight, word), like(self.time_proj.bias, word))
+            t = self.time_embedding(timestep if timestep.dim() == 1 else timestep.reshape(-1), word)
             parts.append((t if timestep.dim() == 1 else t.view(*timestep.shape, -1)).expand(*lead, -1))
         if self.config.layer_conditioning:
             if layer is None:

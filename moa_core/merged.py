@@ -11,7 +11,8 @@ head-split views, the output projection in one matmul and the mix in one lerp. E
 batched over the hidden states' rows with its matrix expanded (a view, `MergedLayer.batched`),
 so the [b, n, c] states need no flattening and the results no unflattening. The personal keys
 and values of every cross-attention layer of one shape come from one batched matmul per model
-call (`CrossGroup`): their contexts differ only in the fused subject tokens. The mixture is
+call (`CrossStack`): their contexts differ only in the fused subject tokens, which the run's fuser
+(`MergedFuser`) makes in one MLP call for every layer. The mixture is
 `mixture.moa_attention`'s (r0 * prior + r1 * personal, the prior exactly where w is 0), to float
 rounding: the weights are summed before the matmul rather than after.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .fuser import Fuser
 from .helpers import like
 from .layer import Delta, MoALayer
 from .mixture import Mixing, RouterMode, personal_share
@@ -106,33 +108,35 @@ class CrossGroup:
     """Cross-attention layers of one shape (context width, inner width, heads) of a sampling run."""
 
     layers: tuple[int, ...]  # MoA layer indices
-    cross: torch.Tensor  # long [L]: their cross-attention indices (the fused tokens' layer axis)
+    start: int  # the group's first slot among the run's stacked personal contexts (CrossStack)
     kv: torch.Tensor  # [L, d, 2i]: each layer's MergedLayer.kv
     heads: int
-    slots: torch.Tensor  # long [L, 1]: 0..L-1, the stacked contexts' index
 
 
-def cross_groups(
-    merged: dict[int, MergedLayer], cross_index: dict[int, int], heads: dict[int, int]
-) -> list[CrossGroup]:
+@dataclass(frozen=True)
+class CrossStack:
+    """A sampling run's merged cross-attention layers, grouped by shape: their personal contexts
+    are stacked group after group, so each group's are one slice of the stack."""
+
+    groups: tuple[CrossGroup, ...]
+    cross: torch.Tensor  # long [M]: each slot's cross-attention index (the fused tokens' layer axis)
+    slots: torch.Tensor  # long [M, 1]: 0..M-1
+
+
+def cross_stack(merged: dict[int, MergedLayer], cross_index: dict[int, int], heads: dict[int, int]) -> CrossStack:
     """The cross-attention layers among `merged`, grouped by shape (`heads`: each layer's head count)."""
     shapes: dict[tuple, list[int]] = {}
     for i in sorted(merged):
         if merged[i].kv is not None:
             shapes.setdefault((*merged[i].kv.shape, heads[i]), []).append(i)
-    groups = []
+    groups, order = [], []
     for shape, layers in shapes.items():
-        device = merged[layers[0]].kv.device
-        groups.append(
-            CrossGroup(
-                tuple(layers),
-                torch.tensor([cross_index[i] for i in layers], device=device),
-                torch.stack([merged[i].kv for i in layers]),
-                shape[-1],
-                torch.arange(len(layers), device=device)[:, None],
-            )
-        )
-    return groups
+        groups.append(CrossGroup(tuple(layers), len(order), torch.stack([merged[i].kv for i in layers]), shape[-1]))
+        order += [cross_index[i] for i in layers]
+    device = groups[0].kv.device if groups else None
+    return CrossStack(
+        tuple(groups), torch.tensor(order, device=device), torch.arange(len(order), device=device)[:, None]
+    )
 
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]
@@ -140,20 +144,77 @@ KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
 def personal_keys_values(
-    context: torch.Tensor, tokens: SubjectTokens, fused: torch.Tensor, group: CrossGroup
+    context: torch.Tensor, tokens: SubjectTokens, fused: torch.Tensor, stack: CrossStack
 ) -> dict[int, KeysValues]:
     """Each layer's personal keys and values for context [b, t, c], its subject tokens replaced by
-    their fuse_subjects output `fused` ([layers or 1, k, c]): one matmul for the group, whose
-    layers' contexts are stacked."""
+    their fused tokens `fused` ([layers or 1, k, c]): the layers' personal contexts in one stack,
+    one matmul per group."""
     b, t, c = context.shape
-    count = len(group.layers)
+    count = len(stack.cross)
     contexts = context.expand(count, b, t, c)
     if tokens.rows.numel():
-        values = fused.expand(count, -1, -1) if fused.shape[0] == 1 else fused[group.cross]
-        contexts = contexts.index_put((group.slots, tokens.rows, tokens.tokens), values)
-    kv = torch.bmm(contexts.reshape(count, b * t, c), group.kv)
-    keys, values = kv.view(count, b, t, 2, group.heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)
-    return dict(zip(group.layers, zip(keys.unbind(0), values.unbind(0), strict=True), strict=True))
+        values = fused if fused.shape[0] == 1 else fused[stack.cross]
+        contexts = contexts.index_put((stack.slots, tokens.rows, tokens.tokens), values)
+    contexts = contexts.reshape(count, b * t, c)
+    by_layer = {}
+    for group in stack.groups:
+        n = len(group.layers)
+        kv = torch.bmm(contexts[group.start : group.start + n], group.kv)
+        keys, values = kv.view(n, b, t, 2, group.heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        by_layer.update(zip(group.layers, zip(keys.unbind(0), values.unbind(0), strict=True), strict=True))
+    return by_layer
+
+
+@dataclass(frozen=True)
+class MergedFuser:
+    """The fuser for one sampling run's subject tokens: what no model call changes (the subjects'
+    image embeddings and the layer embeddings laid out per layer and token, the MLP's matrices as
+    batched [in, out] views) built once, so that a call is the MLP on its word tokens and its
+    timestep's embedding (`Fuser.time_embedding`, which a run can compute for its whole schedule at
+    once). `Fuser.forward`'s result to float rounding."""
+
+    images: torch.Tensor  # [L, k, e]
+    layers: torch.Tensor | None  # [L, k, cond]: each row's layer embedding; None without layer conditioning
+    timed: bool  # the fuser is timestep-conditioned
+    norm: tuple[torch.Tensor, torch.Tensor]
+    mlp: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (bias, [L, in, out]) for fc1, fc2, fc3
+
+    def __call__(self, words: torch.Tensor, time: torch.Tensor | None) -> torch.Tensor:
+        """words [k, d] and the call's time embedding [cond] -> fused tokens [L, k, d]."""
+        if self.timed and time is None:
+            raise ValueError("this fuser is timestep-conditioned: pass the time embedding")
+        count, k = self.images.shape[:2]
+        parts = [words.expand(count, k, -1), self.images]
+        if self.timed:
+            parts.append(time.expand(count, k, -1))
+        if self.layers is not None:
+            parts.append(self.layers)
+        h = torch.cat(parts, dim=-1)
+        h = F.layer_norm(h, h.shape[-1:], *self.norm)
+        (b1, w1), (b2, w2), (b3, w3) = self.mlp
+        h = F.gelu(torch.baddbmm(b2, F.gelu(torch.baddbmm(b1, h, w1)), w2))
+        return torch.baddbmm(b3, h, w3) + words
+
+
+def merge_fuser(fuser: Fuser, images: torch.Tensor, ref: torch.Tensor) -> MergedFuser:
+    """`fuser` for subject tokens whose image embeddings are images [k, e], in ref's dtype and device."""
+    config = fuser.config
+    count = config.num_layers if config.layer_conditioning else 1
+    k = images.shape[0]
+    layers = None
+    if config.layer_conditioning:
+        layers = like(fuser.layer_embedding.weight, ref)[:, None].expand(-1, k, -1)
+
+    def batched(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        return like(linear.bias, ref), like(linear.weight, ref).t().contiguous().expand(count, -1, -1)
+
+    return MergedFuser(
+        images=like(images, ref).expand(count, -1, -1),
+        layers=layers,
+        timed=config.timestep_conditioning,
+        norm=(like(fuser.norm.weight, ref), like(fuser.norm.bias, ref)),
+        mlp=(batched(fuser.fc1), batched(fuser.fc2), batched(fuser.fc3)),
+    )
 
 
 def merged_router(x: torch.Tensor, merged: MergedLayer) -> torch.Tensor:

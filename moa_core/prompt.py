@@ -102,17 +102,22 @@ def subject_tokens(
     return SubjectTokens(batch_rows, tokens, owners, images, steps, context_length)
 
 
-def fuse_subjects(context: torch.Tensor, tokens: SubjectTokens, fuser: Fuser) -> torch.Tensor:
-    """The subject tokens of context [b, t, d], each fused with its subject's image embedding, for
-    every cross-attention layer: [layers, k, d] in one fuser call (a model call's layers share
-    their words and timesteps, only the layer embedding differs), [1, k, d] for a fuser that is
-    not layer-conditioned."""
+def subject_words(context: torch.Tensor, tokens: SubjectTokens) -> torch.Tensor:
+    """The word tokens [k, d] of the subjects in context [b, t, d]."""
     if context.shape[1] != tokens.context_length:
         raise ConditioningError(
             f"a cross-attention context of {context.shape[1]} tokens reached MoA, which bound its subjects to "
             f"{tokens.context_length}; another node changes the text context after MoAApply"
         )
-    words = context[tokens.rows, tokens.tokens]
+    return context[tokens.rows, tokens.tokens]
+
+
+def fuse_subjects(context: torch.Tensor, tokens: SubjectTokens, fuser: Fuser) -> torch.Tensor:
+    """The subject tokens of context [b, t, d], each fused with its subject's image embedding, for
+    every cross-attention layer: [layers, k, d] in one fuser call (a model call's layers share
+    their words and timesteps, only the layer embedding differs), [1, k, d] for a fuser that is
+    not layer-conditioned."""
+    words = subject_words(context, tokens)
     if not len(words):  # no cond rows, or no subject in the prompt
         return words[None]
     layers = fuser.config.num_layers if fuser.config.layer_conditioning else 1

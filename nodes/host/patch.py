@@ -23,8 +23,10 @@ one matmul each with the host's weight plus the delta: the weight is read only w
 module's own forward would use that very tensor (_weight_of); every other host module is called.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any
 
 import comfy.ldm.modules.attention as host_attention
 import comfy.ops
@@ -52,16 +54,19 @@ from ...moa_core.attention_router import AttentionRouterConfig, RouterRun, subje
 from ...moa_core.errors import OptionsError
 from ...moa_core.helpers import seq_to_hw
 from ...moa_core.merged import (
-    CrossGroup,
+    CrossStack,
     HostWeights,
     KeysValues,
+    MergedFuser,
     MergedLayer,
-    cross_groups,
+    cross_stack,
+    merge_fuser,
     merge_layer,
     merged_moa_attention,
     personal_keys_values,
 )
 from ...moa_core.mixture import Mixing, WeightOf, called_weight
+from ...moa_core.prompt import subject_words
 from ...moa_core.region import check_region, region_at, region_levels
 from .attention_router import begin_run, keep_for_run, layer_masks, read_level, read_pixels, run_of
 from .unet_layers import attention_modules, check_weights_fit
@@ -138,6 +143,8 @@ class MoAStep:
     """This sampling run's merged layers; None where projections are not merged (the CPU,
     training, a model called outside a sampler)."""
     keys_values: dict = field(default_factory=dict, compare=False, repr=False)  # id(context) -> (context, by layer)
+    fuser: MergedFuser | None = field(default=None, compare=False, repr=False)  # the run's, with merged
+    time: torch.Tensor | None = field(default=None, compare=False, repr=False)  # its time embedding [cond]
 
     def personal_keys_values(
         self, context: torch.Tensor, layer_index: int, runtime: "MoARuntime", x: torch.Tensor
@@ -151,16 +158,19 @@ class MoAStep:
             if self.keys_values:
                 return None
             subjects = self.fused_subjects(context, runtime.weights.fuser)
-            values = {}
-            for group in self.merged.cross_groups(runtime, x):
-                values.update(personal_keys_values(context, self.tokens, subjects, group))
+            values = personal_keys_values(context, self.tokens, subjects, self.merged.cross_stack(runtime, x))
             hit = self.keys_values[id(context)] = (context, values)
         return hit[1].get(layer_index)
 
     def fused_subjects(self, context: torch.Tensor, fuser: Fuser) -> torch.Tensor:
         hit = self.fused.get(id(context))
         if hit is None or hit[0] is not context:
-            hit = self.fused[id(context)] = (context, fuse_subjects(context, self.tokens, fuser))
+            if self.fuser is None:
+                fused = fuse_subjects(context, self.tokens, fuser)
+            else:
+                words = subject_words(context, self.tokens)
+                fused = self.fuser(words, self.time) if len(words) else words[None]
+            hit = self.fused[id(context)] = (context, fused)
         return hit[1]
 
 
@@ -211,40 +221,51 @@ class MoARuntime:
         self,
         x: torch.Tensor,
         dtype: torch.dtype,
-        timesteps: torch.Tensor | None,
+        sigmas: torch.Tensor,
+        timestep_of: Callable[[torch.Tensor], torch.Tensor],
         context: torch.Tensor,
         transformer_options: dict,
     ) -> MoAStep | None:
-        """The plan of one model call on latents x (`dtype`: the diffusion model's input dtype)."""
+        """The plan of one model call on latents x at `sigmas` [b] (`dtype`: the diffusion model's
+        input dtype; `timestep_of`: the model's timesteps of sigmas, asked for only where the
+        sampling run has not computed them)."""
         if self.options.strength == 0.0:
             return None
-        sigmas = transformer_options.get("sigmas")
         sigma = None
-        if sigmas is not None:
-            sigma = float(sigmas.reshape(-1)[0])  # the one host sync of a model call
+        if transformer_options.get("sigmas") is not None:
+            sigma = _first(transformer_options["sigmas"])  # the one host sync of a model call
             if not self.sigma_end <= sigma <= self.sigma_start:
                 return None
         chunks = transformer_options.get("cond_or_uncond") or [0]
         per_chunk = x.shape[0] // len(chunks)
-        cond = [i * per_chunk + j for i, kind in enumerate(chunks) if kind == 0 for j in range(per_chunk)]
-        cond_rows = torch.tensor(cond, dtype=torch.long, device=x.device)
-        if self.options.personal_rows == "cond":
-            if not cond:
-                return None
+        cond = tuple(i * per_chunk + j for i, kind in enumerate(chunks) if kind == 0 for j in range(per_chunk))
+        only_cond = self.options.personal_rows == "cond"
+        if only_cond and not cond:
+            return None
+        merged = transformer_options.get(MERGED_KEY) if self.merge_per_run else None
+        fuser = time = None
+        if merged is None:
+            cond_rows = torch.tensor(cond, dtype=torch.long, device=x.device)
+            prompt = transformer_options.get(PROMPT_KEY, self.prompt)
+            tokens = subject_tokens(prompt, cond, context.shape[1], timestep_of(sigmas), x.device)
+        else:  # what a sampling run keeps: the call's share is its time embedding
+            cond_rows, tokens, fuser = merged.layout(self, cond, context.shape[1], x.device, dtype)
+            time = merged.time_embedding(self.weights.fuser, sigma, sigmas, timestep_of, dtype)
+        if only_cond:
             rows, record_rows = cond_rows, torch.arange(len(cond), device=x.device)
         else:
             rows, record_rows = None, cond_rows
-        prompt = transformer_options.get(PROMPT_KEY, self.prompt)
-        tokens = subject_tokens(prompt, cond, context.shape[1], timesteps, x.device)
         recording = self.record is not None and sigma is not None and bool(self.record.sigmas)
         step = self.record.step_of(sigma) if recording else None
-        region = self.options.region
-        regions = None if region is None else region_levels(region, tuple(x.shape[-2:]), x.device, dtype)
+        regions = None
+        if self.options.region is not None:
+            hw = tuple(x.shape[-2:])
+            levels = partial(region_levels, self.options.region, hw, x.device, dtype)
+            regions = levels() if merged is None else merged.kept(("regions", hw, x.device, dtype), levels)
         reading = None
         if self.options.router_mode is RouterMode.ATTENTION:
             reading = self._reading(x, cond_rows, per_chunk, tokens, sigma, transformer_options)
-        merged = transformer_options.get(MERGED_KEY) if self.merge_per_run else None
-        return MoAStep(rows, record_rows, tokens, step, regions, reading=reading, merged=merged)
+        return MoAStep(rows, record_rows, tokens, step, regions, reading=reading, merged=merged, fuser=fuser, time=time)
 
     def _reading(self, x, cond_rows, per_chunk, tokens: SubjectTokens, sigma, transformer_options) -> AttentionReading:
         first = tokens.rows == (cond_rows[0] if cond_rows.numel() else -1)  # every cond row has the same words
@@ -429,11 +450,23 @@ class MoAStepWrapper(_Shared):
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
         transformer_options = transformer_options or {}
         model = executor.class_obj
-        timesteps = model.model_sampling.timestep(t).float()
-        step = self.runtime.plan_step(x, input_dtype(model), timesteps, c_crossattn, transformer_options)
+        timestep_of = partial(_timesteps, model.model_sampling)
+        step = self.runtime.plan_step(x, input_dtype(model), t, timestep_of, c_crossattn, transformer_options)
         if step is not None:
             transformer_options = {**transformer_options, STEP_KEY: step}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+
+def _timesteps(model_sampling, sigmas: torch.Tensor) -> torch.Tensor:
+    return model_sampling.timestep(sigmas).float()
+
+
+def _first(values: torch.Tensor) -> float:
+    """The first value of a tensor, read back in at most one operation (tolist copies to the host)."""
+    listed = values.tolist()
+    while isinstance(listed, list):
+        listed = listed[0]
+    return float(listed)
 
 
 def input_dtype(model) -> torch.dtype:
@@ -444,31 +477,70 @@ def input_dtype(model) -> torch.dtype:
 
 
 class MergedRun:
-    """One sampling run's MergedLayers by MoA layer index, each built by the layer's first call, and
-    its CrossGroups (kept in the run's transformer_options: attention_router.keep_for_run)."""
+    """What one sampling run keeps with merged projections (in the run's transformer_options:
+    attention_router.keep_for_run): the MergedLayers by MoA layer index, each built by the layer's
+    first call; the CrossStack; and per model call's layout of subject tokens (which rows are cond
+    rows, the context's length) its SubjectTokens and MergedFuser, the region at every UNet level,
+    and the fuser's time embedding at every sigma of the run's schedule, computed for the whole
+    schedule at the first call."""
 
-    def __init__(self) -> None:
+    def __init__(self, sigmas: torch.Tensor | None = None) -> None:
         self.layers: dict[int, MergedLayer] = {}
-        self.groups: list[CrossGroup] | None = None
+        self.stack: CrossStack | None = None
+        self.sigmas = sigmas
+        self.memo: dict[tuple, Any] = {}
+        self.times: dict[float, torch.Tensor] | None = None
 
     def layer(self, runtime: MoARuntime, index: int, x: torch.Tensor) -> MergedLayer:
-        if self.groups is None and runtime.weights.config.layers[index].is_cross:
-            self.cross_groups(runtime, x)  # the layer as its group holds it, whose caches then fill
+        if self.stack is None and runtime.weights.config.layers[index].is_cross:
+            self.cross_stack(runtime, x)  # the layer as its group holds it, whose caches then fill
         merged = self.layers.get(index)
         if merged is None:
             merged = self.layers[index] = self._merge(runtime, index, x)
         return merged
 
-    def cross_groups(self, runtime: MoARuntime, x: torch.Tensor) -> list[CrossGroup]:
-        if self.groups is None:
+    def cross_stack(self, runtime: MoARuntime, x: torch.Tensor) -> CrossStack:
+        if self.stack is None:
             cross = [i for i in sorted(runtime.merge_per_run) if runtime.weights.config.layers[i].is_cross]
             merged = {i: self.layers.get(i) or self._merge(runtime, i, x) for i in cross}
             heads = {i: runtime.heads[i] for i in cross}
-            self.groups = cross_groups(merged, runtime.weights.cross_index, heads)
-            for group in self.groups:  # the layers keep views of the stack, not copies
+            self.stack = cross_stack(merged, runtime.weights.cross_index, heads)
+            for group in self.stack.groups:  # the layers keep views of the stack, not copies
                 for j, i in enumerate(group.layers):
                     self.layers[i] = replace(merged[i], kv=group.kv[j])
-        return self.groups
+        return self.stack
+
+    def layout(
+        self, runtime: MoARuntime, cond: tuple[int, ...], context_length: int, device, dtype
+    ) -> tuple[torch.Tensor, SubjectTokens, MergedFuser]:
+        """(cond rows, SubjectTokens without timesteps, the MergedFuser) of a call's layout."""
+
+        def build() -> tuple[torch.Tensor, SubjectTokens, MergedFuser]:
+            tokens = subject_tokens(runtime.prompt, cond, context_length, None, device)
+            fuser = merge_fuser(runtime.weights.fuser, tokens.images, torch.empty(0, device=device, dtype=dtype))
+            return torch.tensor(cond, dtype=torch.long, device=device), tokens, fuser
+
+        return self.kept(("layout", cond, context_length, device, dtype), build)
+
+    def kept(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """What `build` makes, built once per run for `key`."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]
+
+    def time_embedding(
+        self, fuser: Fuser, sigma: float | None, sigmas: torch.Tensor, timestep_of: Callable, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The fuser's time embedding [cond] of a call at `sigma` (its sigmas [b]): the run's
+        schedule's, computed for every sigma of it at the first call; else the call's own."""
+        if not fuser.config.timestep_conditioning:
+            return None
+        ref = sigmas.new_empty(0, dtype=dtype) if self.times is None or sigma not in self.times else None
+        if self.times is None and self.sigmas is not None:
+            embeddings = fuser.time_embedding(timestep_of(self.sigmas.to(sigmas.device)), ref)
+            self.times = dict(zip(self.sigmas.tolist(), embeddings.unbind(0), strict=True))
+        hit = None if self.times is None else self.times.get(sigma)
+        return hit if hit is not None else fuser.time_embedding(timestep_of(sigmas[:1]), ref)[0]
 
     @staticmethod
     def _merge(runtime: MoARuntime, index: int, x: torch.Tensor) -> MergedLayer:
@@ -492,7 +564,7 @@ class MoARunWrapper(_Shared):
         if self.attention:
             begin_run(executor.class_obj)
         if self.merge:
-            keep_for_run(executor.class_obj, MERGED_KEY, MergedRun())
+            keep_for_run(executor.class_obj, MERGED_KEY, MergedRun(sigmas.reshape(-1)))
         samples = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         if self.record is not None:
             self.record.end_run(samples)  # not reached when the run is interrupted: its maps are never read

@@ -117,14 +117,17 @@ def moa_weights_for(model, seed: int | None = None, fuser_std: float = 0.05, **i
     return weights.eval().requires_grad_(False)
 
 
-def sample(model, positive, negative, steps: int = 3, seed: int = 42, batch: int = 1, size: int = 32, cfg: float = 7.0):
-    """Latent after `steps` euler steps with CFG: [batch, 4, size, size]."""
+def sample(
+    model, positive, negative, steps: int = 3, seed: int = 42, batch: int = 1, size: int = 32, cfg: float = 7.0,
+    sampler: str = "euler",
+):  # fmt: skip
+    """Latent after `steps` steps of `sampler` with CFG: [batch, 4, size, size]."""
     import comfy.sample
 
     latent = torch.zeros(batch, 4, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
     return comfy.sample.sample(
-        model, noise, steps, cfg, "euler", "normal", positive, negative, latent, seed=seed, disable_pbar=True
+        model, noise, steps, cfg, sampler, "normal", positive, negative, latent, seed=seed, disable_pbar=True
     )
 
 

@@ -104,29 +104,32 @@ def test_a_personal_router_gives_the_personal_expert(perturb, attention):
 
 
 def test_batched_personal_keys_values_are_each_layers_own_from_its_personal_context(perturb, attention):
-    from comfyui_moa.moa_core.merged import cross_groups, personal_keys_values
+    from comfyui_moa.moa_core.merged import cross_stack, personal_keys_values
     from comfyui_moa.moa_core.prompt import SubjectTokens, personal_context
 
     cases = [case(True, perturb, attention, seed=seed) for seed in (11, 12, 13)]
     merged = {i: c[3] for i, c in enumerate(cases)}
-    (group,) = cross_groups(merged, {0: 0, 1: 1, 2: 2}, dict.fromkeys(merged, HEADS))
+    heads = {0: HEADS, 1: 2 * HEADS, 2: HEADS}  # two groups, the second between the first's layers
+    stack = cross_stack(merged, {0: 0, 1: 1, 2: 2}, heads)
+    assert [g.layers for g in stack.groups] == [(0, 2), (1,)] and stack.cross.tolist() == [0, 2, 1]
     context = cases[0][2]
     rows, tokens = torch.tensor([0, 2, 2]), torch.tensor([1, 0, 3])
     subject_tokens = SubjectTokens(rows, tokens, torch.zeros(3, dtype=torch.long), torch.zeros(3, 4), None, T)
     fused = torch.randn(3, 3, CTX)  # per cross-attention layer, per subject token
-    batched = personal_keys_values(context, subject_tokens, fused, group)
+    batched = personal_keys_values(context, subject_tokens, fused, stack)
     for i, (prior_out, x, _, layer_merged, _, _) in enumerate(cases):
         own = personal_context(context, subject_tokens, fused, i)
-        expected, _ = merged_moa_attention(prior_out, x, own, layer_merged, HEADS, heads_split, Mixing())
+        layer_heads = heads[i]
+        expected, _ = merged_moa_attention(prior_out, x, own, layer_merged, layer_heads, heads_split, Mixing())
         out, _ = merged_moa_attention(
-            prior_out, x, context, layer_merged, HEADS, heads_split, Mixing(), keys_values=batched[i]
+            prior_out, x, context, layer_merged, layer_heads, heads_split, Mixing(), keys_values=batched[i]
         )
         torch.testing.assert_close(out, expected, **TOL)
         assert not torch.equal(own, context)
         rows = torch.tensor([0, 2])  # the keys and values follow the rows the personal expert runs on
-        expected, _ = merged_moa_attention(prior_out, x, own, layer_merged, HEADS, heads_split, Mixing(), rows)
+        expected, _ = merged_moa_attention(prior_out, x, own, layer_merged, layer_heads, heads_split, Mixing(), rows)
         out, _ = merged_moa_attention(
-            prior_out, x, context, layer_merged, HEADS, heads_split, Mixing(), rows, keys_values=batched[i]
+            prior_out, x, context, layer_merged, layer_heads, heads_split, Mixing(), rows, keys_values=batched[i]
         )
         torch.testing.assert_close(out, expected, **TOL)
 
@@ -158,3 +161,30 @@ def test_a_merged_layer_dispatches_few_operations(cross, most, perturb, attentio
         merged_moa_attention(prior_out, x, context, merged, HEADS, heads_split, mixing, keys_values=keys_values)
     assert len(count.names) <= most, count.names
     assert "view" not in count.names[: count.names.index("sigmoid")]  # the router reads x as it comes
+
+
+@pytest.mark.parametrize("layered", [True, False])
+@pytest.mark.parametrize("timed", [True, False])
+def test_the_run_s_fuser_gives_the_fusers_tokens_for_every_layer(layered, timed):
+    """MergedFuser: built once per sampling run, a call is the MLP on its words and time embedding."""
+    from comfyui_moa.moa_core.fuser import Fuser, FuserConfig
+    from comfyui_moa.moa_core.merged import merge_fuser
+
+    torch.manual_seed(0)
+    config = FuserConfig(CTX, 10, 24, timed, layered, num_layers=5 if layered else 0, cond_dim=6)
+    fuser = Fuser(config).requires_grad_(False)
+    for p in fuser.parameters():
+        p.normal_(0, 0.5)
+    words, images = torch.randn(3, CTX), torch.randn(3, 10)
+    timestep = torch.tensor([420.0])
+    layers = 5 if layered else 1
+    expected = fuser(
+        words.expand(layers, -1, -1), images, timestep.expand(3) if timed else None, torch.arange(layers)[:, None]
+    )
+    merged = merge_fuser(fuser, images, words)
+    time = fuser.time_embedding(timestep, words)[0] if timed else None
+    torch.testing.assert_close(merged(words, time), expected, **TOL)
+    assert (expected - words).abs().max() > 0.1  # the fuser changed the words
+    if timed:
+        with pytest.raises(ValueError, match="time embedding"):
+            merged(words, None)
