@@ -217,6 +217,24 @@ def merge_fuser(fuser: Fuser, images: torch.Tensor, ref: torch.Tensor) -> Merged
     )
 
 
+def split_heads(y: torch.Tensor, heads: int, parts: int = 1) -> tuple[torch.Tensor, ...]:
+    """y [b, n, parts * h * d] (contiguous: a matmul's output) as `parts` head-split views [b, h, n, d]
+    (q, or q, k and v), each one operation: what a view, a permute and an unbind make in three."""
+    b, n, width = y.shape
+    inner = width // parts
+    size, stride = (b, heads, n, inner // heads), (n * width, inner // heads, width, 1)
+    return tuple(y.as_strided(size, stride, y.storage_offset() + j * inner) for j in range(parts))
+
+
+def merge_heads(a: torch.Tensor) -> torch.Tensor:
+    """a [b, h, n, d] as [b, n, h * d]: one operation (a view) where a's memory is laid out [b, n, h, d],
+    as fused attention kernels give it; otherwise a copy."""
+    b, h, n, d = a.shape
+    if a.stride() == (n * h * d, d, h * d, 1):
+        return a.as_strided((b, n, h * d), (n * h * d, h * d, 1), a.storage_offset())
+    return a.transpose(1, 2).reshape(b, n, h * d)
+
+
 def merged_router(x: torch.Tensor, merged: MergedLayer) -> torch.Tensor:
     """r1 [b, n, 1] for hidden states x [b, n, c]: the learned router's personal share."""
     batched = merged.batched(x.shape[0])
@@ -259,15 +277,15 @@ def merged_moa_attention(
     if mixing.threshold > 0.0:
         w = F.threshold(w, mixing.threshold, 0.0)
     if cross:
-        q = torch.bmm(x, batched.q).view(b, n, heads, -1).transpose(1, 2)
+        (q,) = split_heads(torch.bmm(x, batched.q), heads)
         if keys_values is None:
             t = context.shape[1]
             kv = torch.bmm(context, batched.kv).view(b, t, 2, heads, -1).permute(2, 0, 3, 1, 4)
             keys_values = kv.unbind(0)
         k, v = keys_values
     else:
-        q, k, v = torch.bmm(x, batched.q).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    a = attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        q, k, v = split_heads(torch.bmm(x, batched.q), heads, parts=3)
+    a = merge_heads(attention(q, k, v))
     out = torch.bmm(a, batched.out) if merged.out_bias is None else torch.baddbmm(merged.out_bias, a, batched.out)
     if rows is None:
         return torch.lerp(prior_out, out, w), r1
