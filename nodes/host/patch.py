@@ -18,9 +18,11 @@ On a GPU, where Python launching work is the bottleneck at SD1.5 sizes, the same
 fewer operations (_compute_bound): each sampling run merges every layer's personal projections
 once (moa_core.merged; the host modules are called on the identity, so LoRA, casting and weight
 streaming apply as in any call; MergedRun, in the run's transformer_options, leaves with the
-run), and each model call runs the fuser once for all layers. On the CPU the personal q/k/v are
-one matmul each with the host's weight plus the delta: the weight is read only where the
-module's own forward would use that very tensor (_weight_of); every other host module is called.
+run) and keeps what no model call changes (the subject tokens' layout, the fuser's fixed inputs,
+the time embeddings of the run's schedule), and each model call runs the fuser's MLP once for all
+layers. On the CPU the personal q/k/v are one matmul each with the host's weight plus the delta:
+the weight is read only where the module's own forward would use that very tensor (_weight_of);
+every other host module is called.
 """
 
 from collections.abc import Callable
@@ -242,7 +244,9 @@ class MoARuntime:
         only_cond = self.options.personal_rows == "cond"
         if only_cond and not cond:
             return None
-        merged = transformer_options.get(MERGED_KEY) if self.merge_per_run else None
+        merged = None
+        if self.merge_per_run and PROMPT_KEY not in transformer_options:  # a trainer's batch prompts: per call
+            merged = transformer_options.get(MERGED_KEY)
         fuser = time = None
         if merged is None:
             cond_rows = torch.tensor(cond, dtype=torch.long, device=x.device)
