@@ -62,7 +62,9 @@ class MoASettings:
 @dataclass(frozen=True)
 class LossSettings:
     router_weight: float = 1.0
-    router_subject_weight: float = 0.0  # ||M * R||^2 (not in the paper): subject pixels to the personal expert
+    # ||M * R||^2, subject pixels to the personal expert: not in the paper (0 is its loss), but without it
+    # the routers learned a constant on the small world's prior and on the proof's random ones (docs/training.md)
+    router_subject_weight: float = 1.0
     object_weight: float = 1e-3
     router_layers: tuple[str, ...] = ("all",)  # "all", or UNet layer paths
     object_layers: tuple[str, ...] = ("fastcomposer",)  # "fastcomposer", "all", or attn2 layer paths

@@ -49,7 +49,7 @@ class LossPlan:
     object_layers: tuple[int, ...]  # cross-attention layer indices the object loss reads
     router_weight: float
     object_weight: float
-    router_subject_weight: float = 0.0
+    router_subject_weight: float
     v_weighting: bool = False  # the diffusion loss weighted as the v error (losses.v_weights)
 
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="MoA runs (data and initialisation seeds)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first MoA run's seed (then +1, ...)")
     parser.add_argument("--prior-seeds", default="0", help="comma-separated seeds of the priors (W's build)")
-    parser.add_argument("--moa-steps", type=int, default=Plan.moa_steps)
+    parser.add_argument("--moa-steps", type=int, default=None, help=f"default: {Plan.moa_steps} ({QUICK.moa_steps} quick)")
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer seeds, pairs, fine-tune steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--world", type=Path, help="use this world folder instead of building one")
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     torch.set_num_threads(args.threads)
-    plan = replace(QUICK if args.quick else Plan(), moa_steps=args.moa_steps)
+    plan = QUICK if args.quick else Plan()
+    if args.moa_steps is not None:
+        plan = replace(plan, moa_steps=args.moa_steps)
     if args.no_baselines:
         plan = replace(plan, finetune_identities=0)
     overrides: dict = {}
@@ -123,17 +125,21 @@ def evaluate_run(
 ROWS = (
     ("identity accuracy, MoA (chance 1/8)", "identity_moa"),
     ("identity accuracy, no router", "identity_personal"),
+    ("identity accuracy, MoA with the router read from attention", "identity_attention"),
     ("identity accuracy, fine-tune", "identity_finetune"),
     ("identity accuracy, prior (no subject)", "identity_prior"),
     ("background accuracy, prior", "background_prior"),
     ("background accuracy, MoA", "background_moa"),
     ("background accuracy, no router", "background_personal"),
+    ("background accuracy, router read from attention", "background_attention"),
     ("background accuracy, fine-tune", "background_finetune"),
     ("pixel change outside subject vs prior, MoA", "outside_moa"),
     ("pixel change outside subject vs prior, no router", "outside_personal"),
+    ("pixel change outside subject vs prior, router read from attention", "outside_attention"),
     ("pixel change outside subject vs prior, fine-tune", "outside_finetune"),
     ("  MoA / no router", "outside_ratio"),
     ("router IoU with the subject (all layers, all steps)", "iou_all"),
+    ("router IoU, the router read from attention (steps after its warm-up)", "iou_attention"),
     ("two subjects: both right", "pair_both_right"),
     ("two subjects: swapped", "pair_swapped"),
     ("subject swap at a fixed seed: change outside", "swap_outside"),

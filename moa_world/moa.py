@@ -20,8 +20,7 @@ def moa_settings(world: Path, data: Path, output: Path, steps: int, seed: int, *
     elastic warp change exactly what tells the world's identities apart (body and mark colours,
     pattern); the object loss on every cross-attention layer (the world's UNet has none of
     FastComposer's SD1.5 paths) at weight 0.01, which its 7 layers need to move in a short run;
-    the router loss's subject half (`router_subject_weight` 1), without which the routers learned a
-    constant on this prior (docs/small-world.md, "Trainer settings"); the diffusion loss weighted as
+    the diffusion loss weighted as
     the v error (`weighting` "v", as the prior is trained), which spends the short run on the noise
     levels where a subject's colours are decided (eps weighting injected about half the identity);
     batch 16 and learning rates for a run of about 1000 steps rather than 50 000 (see
@@ -32,7 +31,7 @@ def moa_settings(world: Path, data: Path, output: Path, steps: int, seed: int, *
             "root": str(data), "layout": "folder", "resolution": scenes.SIZE, "subject_resolution": scenes.SIZE,
             "augment": False, "workers": 0,
         },
-        "loss": {"object_layers": ["all"], "object_weight": 1e-2, "router_subject_weight": 1.0, "weighting": "v"},
+        "loss": {"object_layers": ["all"], "object_weight": 1e-2, "weighting": "v"},
         "optim": {"batch_size": 16, "lr_deltas": 1e-4, "lr_routers": 1e-3, "lr_fuser": 1e-3},
         "run": {
             "output": str(output), "name": "moa_world", "steps": steps, "seed": seed, "preview_every": 0,

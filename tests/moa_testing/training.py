@@ -52,7 +52,9 @@ def proof_settings(root: Path, output: Path, steps: int = 120, **sections: dict[
     120 steps, the routers' 200x the deltas' and fuser's, so that the routers sort pixels before
     the deltas can make up for any router weight; the object loss at weight 1 so that 120 steps
     show it, on all four cross-attention layers (the tiny UNet has one level besides the full
-    resolution one that FastComposer leaves out, so its choice would be the middle block alone)."""
+    resolution one that FastComposer leaves out, so its choice would be the middle block alone). The
+    router loss has both halves (the trainer's default; docs/training.md has what the paper's half alone
+    learns here)."""
     settings = {
         "data": {"root": str(root), "layout": "folder", "resolution": 128, "subject_resolution": 64, "workers": 0},
         "moa": {"prior_init": 0.5},
@@ -110,12 +112,14 @@ def proof_run(config, models, held_out: Path, device: torch.device | None = None
 
 
 def mask_learning_failures(held_out: dict) -> list[str]:
-    """Where the trained routers did not learn the masks, per held-out timestep: the prior must
-    take over 0.9 of the background, and at least 0.1 less of the subjects."""
+    """Where the trained routers did not learn the masks, per held-out timestep: the prior must take
+    over 0.75 of the background, and at least 0.5 less of the subjects (the proof's runs: background
+    0.83-0.86, subjects 0.05-0.15 over model, data and run seeds, SD1.5 and SDXL; a constant router
+    leaves them within 0.2)."""
     failures = []
     for t, m in held_out.items():
-        if not m["prior_background"] > 0.9:
-            failures.append(f"{t}: prior weight on background {m['prior_background']:.3f} <= 0.9")
-        if not m["prior_subject"] < m["prior_background"] - 0.1:
-            failures.append(f"{t}: prior weight on subjects {m['prior_subject']:.3f} not 0.1 below background")
+        if not m["prior_background"] > 0.75:
+            failures.append(f"{t}: prior weight on background {m['prior_background']:.3f} <= 0.75")
+        if not m["prior_subject"] < m["prior_background"] - 0.5:
+            failures.append(f"{t}: prior weight on subjects {m['prior_subject']:.3f} not 0.5 below background")
     return failures

@@ -12,6 +12,7 @@ def test_defaults_are_the_paper_notes_recipe():
 
     config = TrainConfig()
     assert (config.loss.router_weight, config.loss.object_weight) == (1.0, 1e-3)
+    assert config.loss.router_subject_weight == 1.0  # not the paper's: settled on the small world
     assert config.loss.router_layers == ("all",) and config.loss.object_layers == ("fastcomposer",)
     assert (config.optim.lr_deltas, config.optim.lr_routers, config.optim.lr_fuser) == (1e-5, 1e-4, 1e-4)
     assert (config.optim.weight_decay, config.optim.betas, config.optim.grad_clip) == (1e-2, (0.9, 0.999), 1.0)

@@ -52,10 +52,12 @@ def test_log_has_a_row_per_step_and_the_router_loss_falls(proof):
     with (proof.result.weights_path.parent / "log.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(1, proof.config.run.steps + 1))
-    start, end = quarter_means(rows, "router")
-    # end/start was 0.17, 0.31 and 0.30 for run seeds 0-2 (0.17-0.32 before the fuser ran once per
-    # call: float rounding alone moves a 120-step run that much); held-out learning is checked above
-    assert end < 0.5 * start
+    for row in rows:
+        row["router_both"] = float(row["router"]) + float(row["router_subject"])
+    start, end = quarter_means(rows, "router_both")
+    # end/start of both halves was 0.55-0.66 over tiny model seeds 0-2 and SDXL; held-out learning is
+    # checked above
+    assert end < 0.8 * start
     assert int(rows[-1]["skipped"]) > 0  # the two broken samples were met, reported and replaced
 
 
