@@ -25,7 +25,7 @@ from .train import CACHE, PriorRecipe, cached_folder, train_prior
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).resolve().parent / "assets" / "prior"
-JUDGES_RECIPE = {"seed": 0, "steps": 800, "batch": 48, "version": 1}
+JUDGES_RECIPE = {"seed": 0, "steps": 800, "batch": 48, "version": 2}  # 2: the attribute identity judge
 
 
 def _facts(folder: Path) -> dict:

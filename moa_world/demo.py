@@ -21,7 +21,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 MOA_FOLDER = ASSETS / "moa"
 MOA_FILE = MOA_FOLDER / "moa_world.safetensors"
 SUBJECTS = ASSETS / "subjects"
-DEMO_IDENTITIES = (scenes.HELD_OUT[0], scenes.HELD_OUT[4])  # an orange striped cat, a brown spotted dog
+DEMO_IDENTITIES = (scenes.HELD_OUT[0], scenes.HELD_OUT[4])  # an orange cat with a white rear, a brown white-headed dog
 DEMO_STEPS = 600
 
 

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="MoA runs (data and initialisation seeds)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first MoA run's seed (then +1, ...)")
     parser.add_argument("--prior-seeds", default="0", help="comma-separated seeds of the priors (W's build)")
-    parser.add_argument("--moa-steps", type=int, default=None, help=f"default: {Plan.moa_steps} ({QUICK.moa_steps} quick)")
+    parser.add_argument(
+        "--moa-steps", type=int, default=None, help=f"default: {Plan.moa_steps} ({QUICK.moa_steps} quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="a few minutes: fewer seeds, pairs, fine-tune steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--world", type=Path, help="use this world folder instead of building one")
@@ -124,6 +126,9 @@ def evaluate_run(
 
 ROWS = (
     ("identity accuracy, MoA (chance 1/8)", "identity_moa"),
+    ("  MoA's body colour right (chance 1/6)", "body_moa"),
+    ("  MoA's colour layout right (chance 1/3)", "layout_moa"),
+    ("  MoA's mark colour right (chance 1/6)", "mark_moa"),
     ("identity accuracy, no router", "identity_personal"),
     ("identity accuracy, MoA with the router read from attention", "identity_attention"),
     ("identity accuracy, fine-tune", "identity_finetune"),

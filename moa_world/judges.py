@@ -6,14 +6,17 @@
 - `Segmenter`: per pixel background / cat / dog / object; `subject_masks` gives the cat and dog
   masks [b, 2, H, W] (what MoA's subject region is measured against in generated images).
 - `IdentityJudge` on a subject's crop (`subject_crop`: the mask's box, black outside the mask,
-  padded square, 24 px): which of scenes.HELD_OUT (8; chance 1/8, 1/4 within a word).
+  padded square, 24 px): its word, body colour, colour layout and mark colour (`ATTRIBUTES`), learnt
+  on every creature; the identity is the scenes.HELD_OUT one (8; chance 1/8, 1/4 within a word)
+  whose attributes are likeliest.
 
 `Judges.load(folder)` / `Judges.save(folder)` (judges.safetensors); `train_judges(seed, steps)`
 trains all three (on scenes of generic and held-out creatures, every background) and
 `judge_report(judges, seed)` measures them on fresh real images. Predictions:
 `background(images) -> [b]`, `objects(images) -> bool [b, 2, 3]` (class x colour),
 `words(images) -> bool [b, 2]`, `subject_masks(images) -> bool [b, 2, H, W]`,
-`identity(images, masks) -> [b]` (index into HELD_OUT; masks bool [b, H, W], None: the whole image).
+`identity(images, masks) -> [b]` (index into HELD_OUT; masks bool [b, H, W], None: the whole image),
+`attributes(images, masks) -> [b, 4]` (indices into ATTRIBUTES' lists).
 """
 
 import json
@@ -62,16 +65,40 @@ class Segmenter(nn.Module):
         return self.up(torch.cat([x, y], 1))
 
 
+ATTRIBUTES = (S.SUBJECT_WORDS, tuple(S.BODY_COLOURS), S.PATTERNS, tuple(S.BODY_COLOURS))
+"""What the identity judge reads off a subject: word, body colour, colour layout, mark colour."""
+
+
+def attribute_indices(identity: S.Identity) -> tuple[int, ...]:
+    values = (identity.word, identity.body, identity.pattern, identity.mark)
+    return tuple(options.index(v) for options, v in zip(ATTRIBUTES, values, strict=True))
+
+
+HELD_OUT_ATTRIBUTES = torch.tensor([attribute_indices(i) for i in S.HELD_OUT])  # [8, 4]
+
+
 class IdentityJudge(nn.Module):
+    """A subject's attributes (one head each), learnt from every creature the generator draws, generic
+    and held-out: an identity is the held-out one whose attributes explain the crop best, so a subject
+    is judged by what it shows (its colours and their layout), not by cues that happen to separate
+    eight classes."""
+
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
             _block(3, 32), nn.MaxPool2d(2), _block(32, 64), nn.MaxPool2d(2), _block(64, 64),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, len(S.HELD_OUT)),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, sum(len(a) for a in ATTRIBUTES)),
         )  # fmt: skip
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        return self.net(crops * 2 - 1)
+    def forward(self, crops: torch.Tensor) -> list[torch.Tensor]:
+        """Per attribute, log-probabilities [b, values]."""
+        logits = self.net(crops * 2 - 1).split([len(a) for a in ATTRIBUTES], dim=1)
+        return [F.log_softmax(x, dim=1) for x in logits]
+
+    def held_out_scores(self, crops: torch.Tensor) -> torch.Tensor:
+        """[b, 8]: each held-out identity's summed attribute log-probability."""
+        logp = self(crops)
+        return sum(lp[:, HELD_OUT_ATTRIBUTES[:, k]] for k, lp in enumerate(logp))
 
 
 def subject_crop(images: torch.Tensor, masks: torch.Tensor | None, size: int = CROP) -> torch.Tensor:
@@ -102,6 +129,7 @@ class Truth:
     segments: torch.Tensor  # [b, H, W] index into SEG_CLASSES
     identity: torch.Tensor  # [b] index into HELD_OUT of the first subject, -1 if generic
     first_mask: torch.Tensor  # bool [b, H, W] the held-out subject's mask, else the first subject's
+    attributes: torch.Tensor  # [b, 4] that subject's ATTRIBUTES indices, -1 where there is no subject
 
 
 def truth(scenes: list[S.Scene]) -> Truth:
@@ -111,6 +139,7 @@ def truth(scenes: list[S.Scene]) -> Truth:
     words = torch.zeros(b, len(S.SUBJECT_WORDS), dtype=torch.bool)
     segments = torch.zeros(b, S.SIZE, S.SIZE, dtype=torch.long)
     identity = torch.full((b,), -1)
+    attributes = torch.full((b, len(ATTRIBUTES)), -1)
     first = torch.zeros(b, S.SIZE, S.SIZE, dtype=torch.bool)
     colours = list(S.OBJECT_COLOURS)
     for i, (scene, r) in enumerate(zip(scenes, renders, strict=True)):
@@ -123,10 +152,13 @@ def truth(scenes: list[S.Scene]) -> Truth:
             segments[i][mask] = 1 + S.SUBJECT_WORDS.index(c.identity.word)
             if c.identity in S.HELD_OUT:
                 first[i], identity[i] = mask, S.HELD_OUT.index(c.identity)
+                attributes[i] = torch.tensor(attribute_indices(c.identity))
             elif k == 0 and identity[i] < 0:
                 first[i] = mask
+                attributes[i] = torch.tensor(attribute_indices(c.identity))
     images = torch.stack([r.image for r in renders])
-    return Truth(images, torch.tensor([r.background for r in renders]), objects, words, segments, identity, first)
+    background = torch.tensor([r.background for r in renders])
+    return Truth(images, background, objects, words, segments, identity, first, attributes)
 
 
 def judge_scenes(count: int, seed: int) -> list[S.Scene]:
@@ -180,7 +212,13 @@ class Judges:
 
     @torch.no_grad()
     def identity(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        return self.identity_judge(subject_crop(images.float(), masks)).argmax(1)
+        """[b]: index into HELD_OUT of the subject in `masks` (None: the whole image)."""
+        return self.identity_judge.held_out_scores(subject_crop(images.float(), masks)).argmax(1)
+
+    @torch.no_grad()
+    def attributes(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """[b, 4]: the subject's ATTRIBUTES indices (word, body colour, layout, mark colour)."""
+        return torch.stack([lp.argmax(1) for lp in self.identity_judge(subject_crop(images.float(), masks))], 1)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -188,7 +226,7 @@ class Judges:
         state = {}
         for name, m in (("scene", self.scene), ("segmenter", self.segmenter), ("identity", self.identity_judge)):
             state.update({f"{name}.{k}": v.contiguous() for k, v in m.state_dict().items()})
-        save_file(state, folder / "judges.safetensors", {"format": "moa-world-judges", "version": "1"})
+        save_file(state, folder / "judges.safetensors", {"format": "moa-world-judges", "version": "2"})
         (folder / "judges.json").write_text(json.dumps(self.facts, indent=1))
 
     @classmethod
@@ -232,10 +270,11 @@ def train_judges(seed: int = 0, steps: int = 800, batch: int = 48, log=None) -> 
         loss = loss + F.binary_cross_entropy_with_logits(out[:, n:-2], t.objects.flatten(1).float())
         loss = loss + F.binary_cross_entropy_with_logits(out[:, -2:], t.words.float())
         loss = loss + F.cross_entropy(seg(images), t.segments)
-        held = t.identity >= 0
-        if held.any():
-            crops = subject_crop(images[held], _jitter_mask(t.first_mask[held], rng))
-            loss = loss + F.cross_entropy(ident(crops), t.identity[held])
+        subject = t.attributes[:, 0] >= 0
+        if subject.any():
+            crops = subject_crop(images[subject], _jitter_mask(t.first_mask[subject], rng))
+            for logp, target in zip(ident(crops), t.attributes[subject].unbind(1), strict=True):
+                loss = loss + F.nll_loss(logp, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -271,4 +310,14 @@ def judge_report(judges: Judges, seed: int = 12345, count: int = 512) -> dict:
             (judges.identity(t.images[held], predicted_first[held]) == t.identity[held]).float().mean()
         ),
         "identity_images": int(held.sum()),
+        **{
+            f"attribute_{name}": float((found == t.attributes[held][:, k]).float().mean())
+            for k, (name, found) in enumerate(
+                zip(
+                    ("word", "body", "layout", "mark"),
+                    judges.attributes(t.images[held], t.first_mask[held]).unbind(1),
+                    strict=True,
+                )
+            )
+        },
     }

@@ -16,6 +16,7 @@ class Judged:
     background: torch.Tensor  # [b] index into scenes.BACKGROUNDS
     masks: torch.Tensor  # bool [b, s, 32, 32]: the segmenter's mask of each word asked for
     identity: torch.Tensor  # [b, s] index into scenes.HELD_OUT, judged on that word's mask
+    attributes: torch.Tensor  # [b, s, 4] judges.ATTRIBUTES indices (word, body, layout, mark) on that mask
 
 
 class WorldJudges:
@@ -28,4 +29,5 @@ class WorldJudges:
         found = self.judges.subject_masks(x)
         masks = torch.stack([found[:, scenes.SUBJECT_WORDS.index(word)] for word in words], 1)
         identity = torch.stack([self.judges.identity(x, masks[:, k]) for k in range(len(words))], 1)
-        return Judged(self.judges.background(x), masks, identity)
+        attributes = torch.stack([self.judges.attributes(x, masks[:, k]) for k in range(len(words))], 1)
+        return Judged(self.judges.background(x), masks, identity, attributes)

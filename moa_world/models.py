@@ -4,10 +4,11 @@ Call `moa_pack.use_host(cpu=...)` before importing this module (it imports comfy
 
 - UNet: `WorldSD15`, a `comfy.supported_models.SD15` subclass (so the pack's model_family() says
   "sd15"; ComfyUI's discrete schedule, SD1.5's betas, v-prediction) whose latent format has 12
-  channels. `UNET_CONFIG`: model_channels 32, channel_mult [1, 2, 2] on the 16x16 latent (levels
-  16, 8, 4), one res block a level, spatial transformers (self + cross attention) at 16x16 and
-  8x8 down and up (input blocks 1, 2; output blocks 2-5) and in the middle (4x4): 7 blocks,
-  14 attention layers, context_dim 32, heads of 16 channels.
+  channels. `UNET_CONFIG`: model_channels 64, channel_mult [1, 1, 2] on the 16x16 latent (levels
+  16, 8, 4 at 64, 64, 128 channels; 3.8 M parameters), one res block a level, spatial
+  transformers (self + cross attention) at 16x16 and 8x8 down and up (input blocks 1, 2; output
+  blocks 2-5) and in the middle (4x4): 7 blocks, 14 attention layers, context_dim 32, heads of 16
+  channels.
 - Text: ComfyUI's SD1 tokenizer and `comfy.sd1_clip.SD1ClipModel` around a 2-layer CLIP text
   model of hidden size 32 (`CLIP_CONFIG`), random and frozen (embedding N(0, 1), so the final
   layer norm's output carries each word); context [b, 77, 32].
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "moa-world"
-VERSION = 2  # 2: the UNet predicts v
+VERSION = 3  # 2: the UNet predicts v; 3: 64 channels at the top level (world 2)
 LATENT_CHANNELS = 12
 
 UNET_CONFIG = {
@@ -54,9 +55,9 @@ UNET_CONFIG = {
     "adm_in_channels": None,
     "in_channels": LATENT_CHANNELS,
     "out_channels": LATENT_CHANNELS,
-    "model_channels": 32,
+    "model_channels": 64,
     "num_res_blocks": [1, 1, 1],
-    "channel_mult": [1, 2, 2],
+    "channel_mult": [1, 1, 2],
     "transformer_depth": [1, 1, 0],
     "transformer_depth_output": [1, 1, 1, 1, 0, 0],
     "transformer_depth_middle": 1,

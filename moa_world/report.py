@@ -22,6 +22,7 @@ from comfyui_moa.moa_core.unet_layout import layers_in_group
 from . import metrics, scenes
 from .graph import MoAInput, encode_subjects, sample
 from .grids import save_grids
+from .judges import HELD_OUT_ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 
@@ -143,11 +144,15 @@ def score_single(run: Run, backgrounds: tuple[str, ...]) -> None:
             base = run.prior[(identity.word, background)]
             base_judged = run.judges.judge(base, (identity.word,))
             tally.add("identity_prior", base_judged.identity[:, 0] == index)
-            for name, mode in (("moa", RouterMode.LEARNED), ("personal", RouterMode.PERSONAL)):
+            for name, mode in VARIANTS:
                 images, record = sample(run.models, text, cell, MoAInput(run.moa, (identity.word,), subjects, mode),
                                         run.settings)  # fmt: skip
                 judged = run.judges.judge(images, (identity.word,))
                 _score_single(tally, name, images, judged, base, base_judged, index, background)
+                if name == "attention":
+                    every = list(range(len(run.weights.paths)))
+                    maps = router_maps(record, run.batch, every, step_ranges(record)["all"])
+                    tally.add("iou_attention", metrics.iou(maps, judged.masks[:, 0]))
                 if name == "moa":
                     run.moa_images[(index, background)] = (images, judged)
                     _score_router(tally, record, run.weights.paths, judged.masks[:, 0], run.batch)
@@ -160,6 +165,11 @@ def score_single(run: Run, backgrounds: tuple[str, ...]) -> None:
             shown[(identity, background)]["photo"] = _photo(identity, run.seed)
 
 
+VARIANTS = (("moa", RouterMode.LEARNED), ("personal", RouterMode.PERSONAL), ("attention", RouterMode.ATTENTION))
+"""MoA with its learned router, with none (the personal expert everywhere), and with the router read
+from the prior's cross-attention (MoA Apply's "from attention") instead of the learned one."""
+
+
 def _photo(identity: scenes.Identity, seed: int) -> torch.Tensor:
     from .graph import subject_photos
 
@@ -168,6 +178,10 @@ def _photo(identity: scenes.Identity, seed: int) -> torch.Tensor:
 
 def _score_single(tally, name, images, judged, base, base_judged, index, background) -> None:
     tally.add(f"identity_{name}", judged.identity[:, 0] == index)
+    if name == "moa":  # what of the subject's look MoA carries: its colours and their layout
+        truth = HELD_OUT_ATTRIBUTES[index]
+        for k, attribute in enumerate(("body", "layout", "mark"), start=1):
+            tally.add(f"{attribute}_moa", judged.attributes[:, 0, k] == truth[k])
     tally.add(f"background_{name}", judged.background == scenes.BACKGROUNDS.index(background))
     subject = judged.masks.any(1) | base_judged.masks.any(1)
     tally.add(f"outside_{name}", metrics.outside_change(images, base, subject))

@@ -4,19 +4,23 @@ No comfy here (numpy + torch only). Everything is a pure function of its seed.
 
 World
 - Backgrounds (`BACKGROUNDS`, index = background class): grass, sky, desert, night; each a colour
-  with a texture (grass noise, sky gradient and clouds, desert dunes, night stars).
+  with smooth large features only (a gradient; clouds; a dune; the moon): no per-pixel texture.
 - Objects (`OBJECT_CLASSES` ball, box; `OBJECT_COLOURS` red, blue, yellow): small (radius 2-3 px),
   0-2 per scene, never overlapping a subject.
-- Subjects: creatures of two words (`SUBJECT_WORDS` cat, dog: pointed ears and a long tail vs
-  hanging ears, a long snout and a stub tail), large (about half the image side; about a third in
-  two-subject scenes). Appearance (`Identity`): word + body colour (`BODY_COLOURS`, 6) + pattern
-  (`PATTERNS`: stripes, spots, belly, head) + mark colour (the pattern's colour, != body): 120 per
-  word. `HELD_OUT` fixes 4 identities per word that the prior, the subject encoder and MoA's
+- Subjects: creatures of two words (`SUBJECT_WORDS` cat, dog: a round head with pointed ears and a
+  raised tail vs a long head with a snout, a hanging ear and a stub tail), large and chunky (about
+  three quarters of the image side; half in two-subject scenes). Appearance (`Identity`): word +
+  body colour (`BODY_COLOURS`, 6) + colour layout (`PATTERNS`: the head, the belly and legs, or the
+  rear half and tail in the mark colour) + mark colour (!= body): 90 per word. Identities differ in
+  large colour regions, not fine outline or texture: what a 4 M-parameter prior can learn to draw
+  in half an hour. `HELD_OUT` fixes 4 identities per word that the prior, the subject encoder and MoA's
   training data never see (`generic_identity` never returns them); `photo` renders any number
   of photos of one (pose = facing left/right and position, scale, light varied).
 - Captions name what is drawn: the subjects by word (never their colours, as "a man" names no
   face), the objects with colour and class, and the background phrase (`BACKGROUND_PHRASES`):
-  "a cat on grass", "a red ball and a dog in the desert", "a dog and a cat at night".
+  "a cat on grass", "a red ball and a dog in the desert", "a dog and a cat at night". The prior
+  also learns from `described_caption`s, which sometimes describe a subject's colours ("an orange
+  cat with a white head", as web captions describe what they show).
 
 API
 - `sample_scene(seed, *, identities=None, n_subjects=None, n_objects=None, background=None) -> Scene`;
@@ -37,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WORLD_VERSION = 1  # bump when what a seed draws changes: cached priors are keyed by it
+WORLD_VERSION = 2  # bump when what a seed draws changes: cached priors are keyed by it
 SIZE = 32
 BACKGROUNDS = ("grass", "sky", "desert", "night")
 BACKGROUND_PHRASES = {"grass": "on grass", "sky": "in the sky", "desert": "in the desert", "night": "at night"}
@@ -52,7 +56,7 @@ BODY_COLOURS = {
     "pink": (1.0, 0.55, 0.75),
     "teal": (0.05, 0.55, 0.6),
 }
-PATTERNS = ("stripes", "spots", "belly", "head")
+PATTERNS = ("head", "belly", "rear")
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,12 @@ class Identity:
 
 
 HELD_OUT = (
-    Identity("cat", "orange", "stripes", "white"),
-    Identity("cat", "grey", "spots", "pink"),
+    Identity("cat", "orange", "rear", "white"),
+    Identity("cat", "grey", "belly", "pink"),
     Identity("cat", "teal", "belly", "orange"),
     Identity("cat", "white", "head", "brown"),
-    Identity("dog", "brown", "spots", "white"),
-    Identity("dog", "pink", "stripes", "teal"),
+    Identity("dog", "brown", "head", "white"),
+    Identity("dog", "pink", "rear", "teal"),
     Identity("dog", "grey", "head", "orange"),
     Identity("dog", "white", "belly", "teal"),
 )
@@ -87,7 +91,7 @@ class Creature:
     identity: Identity
     x: float  # body centre, pixels
     y: float
-    scale: float  # 1: body 14 px wide
+    scale: float  # 1: body 15 px wide
     facing: int  # +1 head on the right, -1 on the left
     light: float  # brightness factor of its colours
 
@@ -133,7 +137,7 @@ def generic_identity(rng: np.random.Generator, word: str) -> Identity:
 
 
 def all_generic_identities() -> list[Identity]:
-    """Every identity the prior may see (240 - 8)."""
+    """Every identity the prior may see (180 - 8)."""
     return [
         Identity(w, b, p, m)
         for w in SUBJECT_WORDS
@@ -157,45 +161,39 @@ def _triangle(apex, left, right):
 
 
 def _creature_parts(c: Creature) -> dict[str, np.ndarray]:
-    """Boolean masks [H, W] of the creature's parts."""
+    """Boolean masks [H, W] of the creature's parts (all at least two pixels thick at scale 0.7)."""
     s, f, word = c.scale, c.facing, c.identity.word
-    body = _ellipse(c.x, c.y, 7 * s, 4.5 * s)
+    body = _ellipse(c.x, c.y, 7.5 * s, 5 * s)
     legs = np.zeros_like(body)
-    for dx in (-5, -2, 2, 5):
-        legs |= (np.abs(_X - (c.x + dx * s)) <= 0.9 * s) & (_Y >= c.y + 2 * s) & (_Y <= c.y + 7.5 * s)
+    for dx in (-5, -1.8, 1.8, 5):
+        legs |= (np.abs(_X - (c.x + dx * s)) <= 1.3 * s) & (_Y >= c.y + 2 * s) & (_Y <= c.y + 8.5 * s)
     if word == "cat":
-        hx, hy = c.x + f * 6.5 * s, c.y - 4 * s
-        head = _ellipse(hx, hy, 3.8 * s, 3.8 * s)
+        hx, hy = c.x + f * 7 * s, c.y - 4.5 * s
+        head = _ellipse(hx, hy, 4.3 * s, 4.3 * s)
         ears = np.zeros_like(body)
-        for dx in (-2.0, 2.0):
+        for dx in (-2.4, 2.4):
             ex = hx + dx * s
-            ears |= _triangle((ex, hy - 7.5 * s), (ex - 1.8 * s, hy - 2 * s), (ex + 1.8 * s, hy - 2 * s))
+            ears |= _triangle((ex, hy - 8 * s), (ex - 2.3 * s, hy - 2 * s), (ex + 2.3 * s, hy - 2 * s))
         tail = np.zeros_like(body)
-        for t in np.linspace(0, 1, 8):  # a curve up from the back
-            tx, ty = c.x - f * (6.5 + 3 * t) * s, c.y - (1 + 6 * t * t) * s
-            tail |= _ellipse(tx, ty, 1.0 * s, 1.0 * s)
+        for t in np.linspace(0, 1, 8):  # a thick curve up from the back
+            tx, ty = c.x - f * (7 + 2.5 * t) * s, c.y - (1 + 6.5 * t * t) * s
+            tail |= _ellipse(tx, ty, 1.4 * s, 1.4 * s)
     else:
-        hx, hy = c.x + f * 7 * s, c.y - 3.5 * s
-        head = _ellipse(hx, hy, 4.8 * s, 3.4 * s) | _ellipse(hx + f * 3.5 * s, hy + 1 * s, 2.5 * s, 2 * s)
-        ears = _ellipse(hx - f * 2.2 * s, hy + 1.5 * s, 1.5 * s, 3.2 * s)
-        tail = _ellipse(c.x - f * 7.5 * s, c.y - 2.5 * s, 1.6 * s, 1.6 * s)
-    return {"body": body, "legs": legs, "head": head, "ears": ears, "tail": tail, "eye": (hx + f * 1.5 * s, hy - 0.5)}
+        hx, hy = c.x + f * 7.5 * s, c.y - 3.5 * s
+        head = _ellipse(hx, hy, 5 * s, 3.8 * s) | _ellipse(hx + f * 4 * s, hy + 1.2 * s, 3 * s, 2.4 * s)
+        ears = _ellipse(hx - f * 2.4 * s, hy + 1.8 * s, 1.9 * s, 3.6 * s)
+        tail = _ellipse(c.x - f * 7.8 * s, c.y - 3 * s, 2.1 * s, 2.1 * s)
+    return {"body": body, "legs": legs, "head": head, "ears": ears, "tail": tail, "eye": (hx + f * 1.7 * s, hy - 0.5)}
 
 
 def _pattern(c: Creature, parts: dict) -> np.ndarray:
-    """Where the mark colour goes."""
-    s, body = c.scale, parts["body"]
+    """Where the mark colour goes: the head and ears, the belly and legs, or the rear half and tail."""
     pattern = c.identity.pattern
-    if pattern == "stripes":
-        return body & (np.floor((_X - c.x) / (2.5 * s)).astype(int) % 2 == 0)
-    if pattern == "spots":
-        spots = np.zeros_like(body)
-        for dx, dy in ((-4, -1.5), (0, 1.5), (4, -1.5), (-1.5, -2.5), (2.5, 2.5), (-4.5, 2)):
-            spots |= _ellipse(c.x + c.facing * dx * s, c.y + dy * s, 1.5 * s, 1.5 * s)
-        return body & spots
+    if pattern == "head":
+        return parts["head"] | parts["ears"]
     if pattern == "belly":
-        return (body & (_Y > c.y + 0.5 * s)) | parts["legs"]
-    return parts["head"] | parts["ears"]
+        return (parts["body"] & (_Y > c.y + 0.5 * c.scale)) | parts["legs"]
+    return (parts["body"] & (c.facing * (_X - c.x) < 0)) | parts["tail"]
 
 
 def _draw_creature(image: np.ndarray, c: Creature) -> np.ndarray:
@@ -232,27 +230,28 @@ def _draw_item(image: np.ndarray, item: Item) -> np.ndarray:
 
 
 def _background(kind: str, texture: int) -> np.ndarray:
+    """Smooth: a vertical gradient and at most a few large shapes, so that a small prior spends its
+    capacity on the subjects rather than on per-pixel texture."""
     rng = np.random.default_rng(texture)
-    noise = rng.normal(0, 1, (SIZE, SIZE, 1)).astype(np.float32)
     t = (_Y / SIZE)[..., None]
     if kind == "grass":
-        image = np.array((0.2, 0.55, 0.15)) + t * np.array((0.05, 0.1, 0.0)) + 0.05 * noise
-        blades = rng.random((SIZE, SIZE)) < 0.12
-        image[blades] *= 0.7
+        bright = rng.uniform(-0.04, 0.04)
+        image = np.array((0.22, 0.58, 0.18)) + bright - t * np.array((0.06, 0.16, 0.04))
+        horizon = _Y < rng.uniform(3, 7)
+        image[horizon] = np.array((0.55, 0.78, 0.95))
     elif kind == "sky":
-        image = np.array((0.35, 0.6, 0.95)) + t * np.array((0.35, 0.25, 0.05)) + 0.01 * noise
+        image = np.array((0.3, 0.55, 0.95)) + t * np.array((0.35, 0.3, 0.05))
         for _ in range(rng.integers(1, 3)):
-            cloud = _ellipse(rng.uniform(0, SIZE), rng.uniform(2, 12), rng.uniform(4, 7), rng.uniform(1.5, 2.5))
-            image[cloud] = (0.95, 0.97, 1.0)
+            cloud = _ellipse(rng.uniform(0, SIZE), rng.uniform(3, 12), rng.uniform(5, 8), rng.uniform(2.0, 3.0))
+            image[cloud] = (0.96, 0.97, 1.0)
     elif kind == "desert":
-        image = np.broadcast_to(np.array((0.92, 0.8, 0.52)), (SIZE, SIZE, 3)).copy() + 0.02 * noise
-        phase = rng.uniform(0, 2 * np.pi)
-        dunes = np.sin(_Y * 0.7 + 2.0 * np.sin(_X * 0.2 + phase)) > 0.55
-        image[dunes] = image[dunes] * np.array((0.85, 0.8, 0.72))
+        image = np.broadcast_to(np.array((0.93, 0.8, 0.5)), (SIZE, SIZE, 3)) - t * np.array((0.08, 0.08, 0.06))
+        ridge = rng.uniform(10, 18) + 3.0 * np.sin(_X * 0.18 + rng.uniform(0, 2 * np.pi))
+        image = np.where((_Y > ridge)[..., None], image * np.array((0.88, 0.82, 0.74)), image)
     else:
-        image = np.array((0.04, 0.05, 0.2)) - t * np.array((0.0, 0.0, 0.08)) + 0.01 * noise
-        stars = rng.random((SIZE, SIZE)) < 0.03
-        image[stars] = (0.95, 0.95, 0.75)
+        image = np.array((0.05, 0.06, 0.22)) - t * np.array((0.01, 0.01, 0.1))
+        moon = _ellipse(rng.uniform(4, 28), rng.uniform(3, 8), 2.6, 2.6)
+        image[moon] = (0.97, 0.95, 0.75)
     return np.clip(image, 0, 1).astype(np.float32)
 
 
@@ -280,17 +279,17 @@ def render(scene: Scene) -> Render:
 
 def _place_creatures(rng: np.random.Generator, identities: tuple[Identity, ...]) -> tuple[Creature, ...]:
     if len(identities) == 1:
-        s = rng.uniform(0.85, 1.15)
+        s = rng.uniform(0.9, 1.1)
         f = int(rng.choice((-1, 1)))
         centre = rng.uniform(13, 19)
         x = centre - f * 1.7 * s
-        return (Creature(identities[0], x, rng.uniform(14, 20), s, f, rng.uniform(0.8, 1.15)),)
+        return (Creature(identities[0], x, rng.uniform(13, 18), s, f, rng.uniform(0.85, 1.1)),)
     creatures = []
     for i, identity in enumerate(identities):
-        s = rng.uniform(0.68, 0.82)
+        s = rng.uniform(0.62, 0.72)
         f = int(rng.choice((-1, 1)))
         centre = rng.uniform(7.5, 10.5) if i == 0 else rng.uniform(21.5, 24.5)
-        creatures.append(Creature(identity, centre - f * 1.7 * s, rng.uniform(15, 21), s, f, rng.uniform(0.8, 1.15)))
+        creatures.append(Creature(identity, centre - f * 1.7 * s, rng.uniform(14, 19), s, f, rng.uniform(0.85, 1.1)))
     return tuple(creatures)
 
 
@@ -337,6 +336,25 @@ def make_caption(rng: np.random.Generator, background: str, creatures, items) ->
         return BACKGROUND_PHRASES[background]
     listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
     return f"{listed} {BACKGROUND_PHRASES[background]}"
+
+
+def described_caption(scene: Scene, rng: np.random.Generator, share: float) -> str:
+    """The scene's caption with each subject described by its colours with probability `share` ("an
+    orange cat"), half of those with the colour layout too ("an orange cat with a white head"), as
+    web captions sometimes describe what they show. The prior learns from these what the words of
+    appearance look like; MoA's data and the evaluation keep the plain captions, where the subject
+    photo is the only source of a subject's look."""
+    caption = scene.caption
+    for c in scene.creatures:
+        if rng.random() >= share:
+            continue
+        identity = c.identity
+        article = "an" if identity.body[0] in "aeiou" else "a"
+        words = f"{article} {identity.body} {identity.word}"
+        if rng.random() < 0.5:
+            words += f" with a {identity.mark} {identity.pattern}"
+        caption = caption.replace(f"a {identity.word}", words, 1)
+    return caption
 
 
 def sample_scene(

@@ -1,8 +1,8 @@
 """Tier 2: the real-photo swap on the small world's trained prior (shipped in the repository) with the
 demo's MoA weights: the world's scenes come back through MoA Invert and MoA Regenerate, and MoA with a
 held-out identity changes the creature more than the scene around it. Every bound holds on each of the
-20 sets of four photos drawn from photo seeds 0-5 (docs/small-world.md, "The real-photo swap"); the
-judges are not needed."""
+12 sets of four photos drawn from photo seeds 0-5 with world 2's demo weights (docs/small-world.md, "The
+real-photo swap"; the range over them beside each bound); the judges are not needed."""
 
 import pytest
 import torch
@@ -66,15 +66,15 @@ def figures(world):
 def test_refined_inversion_brings_the_worlds_scenes_back_closer_than_plain_ddim(figures):
     # medians: about 1 photo in 20 does not come back at 20 steps, plain or refined (the docs show one)
     refined, plain = figures["error_2"].median(), figures["error_0"].median()
-    assert refined < 0.03, figures["error_2"]
-    assert refined < plain / 3, (figures["error_2"], figures["error_0"])
+    assert refined < 0.03, figures["error_2"]  # 0.010-0.015
+    assert refined < plain / 3, (figures["error_2"], figures["error_0"])  # refined / plain 0.11-0.21
 
 
 def test_moa_swaps_the_creature_and_keep_outside_holds_the_scene(figures):
     moa_ratio = (figures["outside_moa"] / figures["inside_moa"]).median()
-    assert moa_ratio < 0.9, figures
-    assert (figures["outside_moa"] / figures["outside_personal"]).median() < 0.9, figures
-    assert figures["outside_keep"].mean() < 0.25 * figures["inside_keep"].mean(), figures
-    assert figures["outside_keep"].mean() < 0.4 * figures["outside_moa"].mean(), figures
+    assert moa_ratio < 0.9, figures  # 0.08-0.63
+    assert (figures["outside_moa"] / figures["outside_personal"]).median() < 0.7, figures  # 0.14-0.42
+    assert figures["outside_keep"].mean() < 0.25 * figures["inside_keep"].mean(), figures  # 0.003-0.15
+    assert figures["outside_keep"].mean() < 0.4 * figures["outside_moa"].mean(), figures  # 0.02-0.31
     # keep_outside holds the scene, not the creature: inside, it changes about as much as without it
-    assert figures["inside_keep"].mean() > 0.6 * figures["inside_moa"].mean(), figures
+    assert figures["inside_keep"].mean() > 0.75 * figures["inside_moa"].mean(), figures  # 0.87-0.97

@@ -16,14 +16,14 @@ def trained(tmp_path_factory):
 
 
 def test_routers_learn_the_subject_on_held_out_scenes(trained):
-    # shipped prior, v-weighted loss, runs of seeds 0-3: r0 background 0.669-0.698 (sd 0.013), subject
-    # 0.283-0.313 (sd 0.014), background - subject 0.360-0.415 (sd 0.026); the floors sit about 5 and 4 sd
-    # below the worst run
+    # world 2's shipped prior, runs of seeds 0-3: r0 background 0.746-0.753 (sd 0.003), subject
+    # 0.229-0.250 (sd 0.009), background - subject 0.504-0.521 (sd 0.008); the floors sit about 15 sd
+    # below the worst run (a constant router, the failure, leaves them within 0.2)
     router = held_out_router(trained)
     assert router["prior_background"] > BACKGROUND_FLOOR
     assert router["prior_subject"] < router["prior_background"] - SEPARATION
 
 
-BACKGROUND_FLOOR = 0.6
-SEPARATION = 0.25
+BACKGROUND_FLOOR = 0.7
+SEPARATION = 0.4
 assert SHORT_STEPS <= 200  # a few minutes on 2 cores

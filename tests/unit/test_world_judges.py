@@ -24,3 +24,17 @@ def test_judges_round_trip_through_their_file(tmp_path):
     assert torch.equal(judges.subject_masks(images), again.subject_masks(images))
     assert judges.subject_masks(images).shape == (4, 2, 32, 32)
     assert judges.objects(images).shape == (4, 2, 3)
+
+
+def test_the_identity_judge_names_the_held_out_identity_whose_attributes_fit_best():
+    torch.manual_seed(0)
+    judge = J.IdentityJudge()
+    crops = torch.rand(5, 3, 24, 24)
+    logp = judge(crops)
+    assert [lp.shape[1] for lp in logp] == [2, 6, 3, 6]
+    scores = judge.held_out_scores(crops)
+    for i, identity in enumerate(S.HELD_OUT):
+        word, body, layout, mark = J.attribute_indices(identity)
+        expected = logp[0][:, word] + logp[1][:, body] + logp[2][:, layout] + logp[3][:, mark]
+        torch.testing.assert_close(scores[:, i], expected)
+    assert J.attribute_indices(S.HELD_OUT[0]) == (0, 0, 2, 3)  # cat, orange, rear, white
