@@ -27,13 +27,6 @@ from torch import nn
 from ..moa_core.subject import mask_box, pad_square
 from . import scenes as S
 
-ATTRIBUTES = {
-    "word": S.SUBJECT_WORDS,
-    "body": tuple(S.BODY_COLOURS),
-    "pattern": S.PATTERNS,
-    "mark": tuple(S.BODY_COLOURS),
-}
-
 
 def subject_crops(scenes: list[S.Scene], seed: int, size: int = 32) -> tuple[torch.Tensor, list[S.Identity]]:
     """Every subject of `scenes` as the trainer crops it: [c, size, size, 3] in [0, 1], and its identity."""
@@ -52,9 +45,8 @@ def subject_crops(scenes: list[S.Scene], seed: int, size: int = 32) -> tuple[tor
 
 
 def labels(identities: list[S.Identity]) -> dict[str, torch.Tensor]:
-    return {
-        name: torch.tensor([values.index(getattr(i, name)) for i in identities]) for name, values in ATTRIBUTES.items()
-    }
+    indices = torch.tensor([S.attribute_indices(i) for i in identities])
+    return dict(zip(S.ATTRIBUTES, indices.unbind(1), strict=True))
 
 
 def embed(vision, crops: torch.Tensor) -> torch.Tensor:
@@ -74,7 +66,7 @@ def train_encoder(vision, seed: int = 0, steps: int = 1200, batch: int = 48, log
     """Train `vision` on generic creatures' attributes; returns (facts, the attribute heads)."""
     torch.manual_seed(seed)
     dim = vision.model.visual_projection.out_features
-    heads = nn.ModuleDict({name: nn.Linear(dim, len(values)) for name, values in ATTRIBUTES.items()})
+    heads = nn.ModuleDict({name: nn.Linear(dim, len(values)) for name, values in S.ATTRIBUTES.items()})
     model = vision.model
     model.float().train().requires_grad_(True)
     params = [*model.parameters(), *heads.parameters()]
@@ -86,7 +78,7 @@ def train_encoder(vision, seed: int = 0, steps: int = 1200, batch: int = 48, log
         crops, identities = subject_crops(scenes, seed * 7919 + step)
         target = labels(identities)
         embeds = embed(vision, crops)
-        loss = sum(F.cross_entropy(heads[name](embeds), target[name]) for name in ATTRIBUTES)
+        loss = sum(F.cross_entropy(heads[name](embeds), target[name]) for name in S.ATTRIBUTES)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -107,7 +99,7 @@ def encoder_report(vision, heads: nn.ModuleDict, seed: int = 4242, count: int = 
     crops, identities = subject_crops([s for s in S.generic_scenes(count, seed) if s.creatures], seed)
     embeds, target = embed(vision, crops), labels(identities)
     report = {
-        f"attr_{name}": float((heads[name](embeds).argmax(1) == target[name]).float().mean()) for name in ATTRIBUTES
+        f"attr_{name}": float((heads[name](embeds).argmax(1) == target[name]).float().mean()) for name in S.ATTRIBUTES
     }
     photos = [S.photo(i, k)[0] for i in S.HELD_OUT for k in range(10)]
     crops, identities = subject_crops(photos, seed + 1)

@@ -127,7 +127,7 @@ def evaluate_run(
 ROWS = (
     ("identity accuracy, MoA (chance 1/8)", "identity_moa"),
     ("  MoA's body colour right (chance 1/6)", "body_moa"),
-    ("  MoA's colour layout right (chance 1/3)", "layout_moa"),
+    ("  MoA's colour layout right (chance 1/3)", "pattern_moa"),
     ("  MoA's mark colour right (chance 1/6)", "mark_moa"),
     ("identity accuracy, no router", "identity_personal"),
     ("identity accuracy, MoA with the router read from attention", "identity_attention"),

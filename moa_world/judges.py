@@ -6,7 +6,7 @@
 - `Segmenter`: per pixel background / cat / dog / object; `subject_masks` gives the cat and dog
   masks [b, 2, H, W] (what MoA's subject region is measured against in generated images).
 - `IdentityJudge` on a subject's crop (`subject_crop`: the mask's box, black outside the mask,
-  padded square, 24 px): its word, body colour, colour layout and mark colour (`ATTRIBUTES`), learnt
+  padded square, 24 px): its word, body colour, colour layout and mark colour (scenes.ATTRIBUTES), learnt
   on every creature; the identity is the scenes.HELD_OUT one (8; chance 1/8, 1/4 within a word)
   whose attributes are likeliest.
 
@@ -16,7 +16,7 @@ trains all three (on scenes of generic and held-out creatures, every background)
 `background(images) -> [b]`, `objects(images) -> bool [b, 2, 3]` (class x colour),
 `words(images) -> bool [b, 2]`, `subject_masks(images) -> bool [b, 2, H, W]`,
 `identity(images, masks) -> [b]` (index into HELD_OUT; masks bool [b, H, W], None: the whole image),
-`attributes(images, masks) -> [b, 4]` (indices into ATTRIBUTES' lists).
+`attributes(images, masks) -> [b, 4]` (indices into scenes.ATTRIBUTES' values).
 """
 
 import json
@@ -65,16 +65,8 @@ class Segmenter(nn.Module):
         return self.up(torch.cat([x, y], 1))
 
 
-ATTRIBUTES = (S.SUBJECT_WORDS, tuple(S.BODY_COLOURS), S.PATTERNS, tuple(S.BODY_COLOURS))
-"""What the identity judge reads off a subject: word, body colour, colour layout, mark colour."""
-
-
-def attribute_indices(identity: S.Identity) -> tuple[int, ...]:
-    values = (identity.word, identity.body, identity.pattern, identity.mark)
-    return tuple(options.index(v) for options, v in zip(ATTRIBUTES, values, strict=True))
-
-
-HELD_OUT_ATTRIBUTES = torch.tensor([attribute_indices(i) for i in S.HELD_OUT])  # [8, 4]
+HEAD_SIZES = [len(values) for values in S.ATTRIBUTES.values()]  # the identity judge's heads
+HELD_OUT_ATTRIBUTES = torch.tensor([S.attribute_indices(i) for i in S.HELD_OUT])  # [8, 4]
 
 
 class IdentityJudge(nn.Module):
@@ -87,12 +79,12 @@ class IdentityJudge(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             _block(3, 32), nn.MaxPool2d(2), _block(32, 64), nn.MaxPool2d(2), _block(64, 64),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, sum(len(a) for a in ATTRIBUTES)),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, sum(HEAD_SIZES)),
         )  # fmt: skip
 
     def forward(self, crops: torch.Tensor) -> list[torch.Tensor]:
         """Per attribute, log-probabilities [b, values]."""
-        logits = self.net(crops * 2 - 1).split([len(a) for a in ATTRIBUTES], dim=1)
+        logits = self.net(crops * 2 - 1).split(HEAD_SIZES, dim=1)
         return [F.log_softmax(x, dim=1) for x in logits]
 
     def held_out_scores(self, crops: torch.Tensor) -> torch.Tensor:
@@ -129,7 +121,7 @@ class Truth:
     segments: torch.Tensor  # [b, H, W] index into SEG_CLASSES
     identity: torch.Tensor  # [b] index into HELD_OUT of the first subject, -1 if generic
     first_mask: torch.Tensor  # bool [b, H, W] the held-out subject's mask, else the first subject's
-    attributes: torch.Tensor  # [b, 4] that subject's ATTRIBUTES indices, -1 where there is no subject
+    attributes: torch.Tensor  # [b, 4] that subject's scenes.attribute_indices, -1 where there is no subject
 
 
 def truth(scenes: list[S.Scene]) -> Truth:
@@ -139,7 +131,7 @@ def truth(scenes: list[S.Scene]) -> Truth:
     words = torch.zeros(b, len(S.SUBJECT_WORDS), dtype=torch.bool)
     segments = torch.zeros(b, S.SIZE, S.SIZE, dtype=torch.long)
     identity = torch.full((b,), -1)
-    attributes = torch.full((b, len(ATTRIBUTES)), -1)
+    attributes = torch.full((b, len(S.ATTRIBUTES)), -1)
     first = torch.zeros(b, S.SIZE, S.SIZE, dtype=torch.bool)
     colours = list(S.OBJECT_COLOURS)
     for i, (scene, r) in enumerate(zip(scenes, renders, strict=True)):
@@ -151,11 +143,10 @@ def truth(scenes: list[S.Scene]) -> Truth:
             words[i, S.SUBJECT_WORDS.index(c.identity.word)] = True
             segments[i][mask] = 1 + S.SUBJECT_WORDS.index(c.identity.word)
             if c.identity in S.HELD_OUT:
-                first[i], identity[i] = mask, S.HELD_OUT.index(c.identity)
-                attributes[i] = torch.tensor(attribute_indices(c.identity))
-            elif k == 0 and identity[i] < 0:
-                first[i] = mask
-                attributes[i] = torch.tensor(attribute_indices(c.identity))
+                identity[i] = S.HELD_OUT.index(c.identity)
+            elif k > 0 or identity[i] >= 0:
+                continue
+            first[i], attributes[i] = mask, torch.tensor(S.attribute_indices(c.identity))
     images = torch.stack([r.image for r in renders])
     background = torch.tensor([r.background for r in renders])
     return Truth(images, background, objects, words, segments, identity, first, attributes)
@@ -217,7 +208,7 @@ class Judges:
 
     @torch.no_grad()
     def attributes(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """[b, 4]: the subject's ATTRIBUTES indices (word, body colour, layout, mark colour)."""
+        """[b, 4]: the subject's scenes.ATTRIBUTES indices (word, body colour, layout, mark colour)."""
         return torch.stack([lp.argmax(1) for lp in self.identity_judge(subject_crop(images.float(), masks))], 1)
 
     def save(self, folder: str | Path) -> None:
@@ -296,6 +287,8 @@ def judge_report(judges: Judges, seed: int = 12345, count: int = 512) -> dict:
     inter = (predicted_first & t.first_mask).sum((1, 2)).float()
     union = (predicted_first | t.first_mask).sum((1, 2)).float().clamp(min=1)
     has = t.first_mask.any((1, 2))
+    found = judges.attributes(t.images[held], t.first_mask[held])
+    attributes_right = (found == t.attributes[held]).float().mean(0)
     return {
         "images": count,
         "background": float((judges.background(t.images) == t.background).float().mean()),
@@ -310,14 +303,5 @@ def judge_report(judges: Judges, seed: int = 12345, count: int = 512) -> dict:
             (judges.identity(t.images[held], predicted_first[held]) == t.identity[held]).float().mean()
         ),
         "identity_images": int(held.sum()),
-        **{
-            f"attribute_{name}": float((found == t.attributes[held][:, k]).float().mean())
-            for k, (name, found) in enumerate(
-                zip(
-                    ("word", "body", "layout", "mark"),
-                    judges.attributes(t.images[held], t.first_mask[held]).unbind(1),
-                    strict=True,
-                )
-            )
-        },
+        **{f"attribute_{name}": float(right) for name, right in zip(S.ATTRIBUTES, attributes_right, strict=True)},
     }

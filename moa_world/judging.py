@@ -16,7 +16,7 @@ class Judged:
     background: torch.Tensor  # [b] index into scenes.BACKGROUNDS
     masks: torch.Tensor  # bool [b, s, 32, 32]: the segmenter's mask of each word asked for
     identity: torch.Tensor  # [b, s] index into scenes.HELD_OUT, judged on that word's mask
-    attributes: torch.Tensor  # [b, s, 4] judges.ATTRIBUTES indices (word, body, layout, mark) on that mask
+    attributes: torch.Tensor  # [b, s, 4] scenes.ATTRIBUTES indices (word, body, pattern, mark) on that mask
 
 
 class WorldJudges:

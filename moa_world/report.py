@@ -180,8 +180,9 @@ def _score_single(tally, name, images, judged, base, base_judged, index, backgro
     tally.add(f"identity_{name}", judged.identity[:, 0] == index)
     if name == "moa":  # what of the subject's look MoA carries: its colours and their layout
         truth = HELD_OUT_ATTRIBUTES[index]
-        for k, attribute in enumerate(("body", "layout", "mark"), start=1):
-            tally.add(f"{attribute}_moa", judged.attributes[:, 0, k] == truth[k])
+        for k, attribute in enumerate(scenes.ATTRIBUTES):
+            if attribute != "word":  # the prompt's word decides it
+                tally.add(f"{attribute}_moa", judged.attributes[:, 0, k] == truth[k])
     tally.add(f"background_{name}", judged.background == scenes.BACKGROUNDS.index(background))
     subject = judged.masks.any(1) | base_judged.masks.any(1)
     tally.add(f"outside_{name}", metrics.outside_change(images, base, subject))

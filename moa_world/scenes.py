@@ -83,6 +83,16 @@ HELD_OUT = (
     Identity("dog", "grey", "head", "orange"),
     Identity("dog", "white", "belly", "teal"),
 )
+
+ATTRIBUTES = {"word": SUBJECT_WORDS, "body": tuple(BODY_COLOURS), "pattern": PATTERNS, "mark": tuple(BODY_COLOURS)}
+"""An identity's fields and the values each takes (what the subject encoder and the judges learn)."""
+
+
+def attribute_indices(identity: Identity) -> tuple[int, ...]:
+    """`identity`'s value of each of ATTRIBUTES, as indices into that attribute's values."""
+    return tuple(values.index(getattr(identity, name)) for name, values in ATTRIBUTES.items())
+
+
 """The identities the prior, the subject encoder and MoA's training never see (the identity judge's classes)."""
 
 

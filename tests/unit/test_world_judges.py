@@ -34,7 +34,7 @@ def test_the_identity_judge_names_the_held_out_identity_whose_attributes_fit_bes
     assert [lp.shape[1] for lp in logp] == [2, 6, 3, 6]
     scores = judge.held_out_scores(crops)
     for i, identity in enumerate(S.HELD_OUT):
-        word, body, layout, mark = J.attribute_indices(identity)
+        word, body, layout, mark = S.attribute_indices(identity)
         expected = logp[0][:, word] + logp[1][:, body] + logp[2][:, layout] + logp[3][:, mark]
         torch.testing.assert_close(scores[:, i], expected)
-    assert J.attribute_indices(S.HELD_OUT[0]) == (0, 0, 2, 3)  # cat, orange, rear, white
+    assert S.attribute_indices(S.HELD_OUT[0]) == (0, 0, 2, 3)  # cat, orange, rear, white
