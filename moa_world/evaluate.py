@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class Plan:
     """What one evaluation run trains and samples."""
 
-    moa_steps: int = 1500
+    moa_steps: int = 3000
     moa_scenes: int = 2000
     batch: int = 4  # seeds per (identity, background) cell
     pairs: int = 8  # two-subject (cat, dog) identity pairs

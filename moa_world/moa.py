@@ -23,14 +23,17 @@ def moa_settings(world: Path, data: Path, output: Path, steps: int, seed: int, *
     the diffusion loss weighted as
     the v error (`weighting` "v", as the prior is trained), which spends the short run on the noise
     levels where a subject's colours are decided (eps weighting injected about half the identity);
-    batch 16 and learning rates for a run of about 1000 steps rather than 50 000 (see
-    docs/small-world.md for the sweep that chose them)."""
+    batch 16 and learning rates for a run of a few thousand steps rather than 50 000; the fuser's
+    hidden layer 128 wide rather than the text width (32 here), too narrow for the 64-d image
+    embedding: it carried the colour layout and mark poorly (see docs/small-world.md for the
+    sweeps that chose these)."""
     settings = {
         "model": {"world": str(world)},
         "data": {
             "root": str(data), "layout": "folder", "resolution": scenes.SIZE, "subject_resolution": scenes.SIZE,
             "augment": False, "workers": 0,
         },
+        "moa": {"fuser_hidden_dim": 128},
         "loss": {"object_layers": ["all"], "object_weight": 1e-2, "weighting": "v"},
         "optim": {"batch_size": 16, "lr_deltas": 1e-4, "lr_routers": 1e-3, "lr_fuser": 1e-3},
         "run": {

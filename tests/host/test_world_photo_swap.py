@@ -1,8 +1,9 @@
 """Tier 2: the real-photo swap on the small world's trained prior (shipped in the repository) with the
 demo's MoA weights: the world's scenes come back through MoA Invert and MoA Regenerate, and MoA with a
 held-out identity changes the creature more than the scene around it. Every bound holds on each of the
-12 sets of four photos drawn from photo seeds 0-5 with world 2's demo weights (docs/small-world.md, "The
-real-photo swap"; the range over them beside each bound); the judges are not needed."""
+12 sets of four photos drawn from photo seeds 0-5 with world 2's demo weights, 3000 steps with the fuser
+128 wide (docs/small-world.md, "The real-photo swap"; the range over them beside each bound); the judges
+are not needed."""
 
 import pytest
 import torch
@@ -72,9 +73,9 @@ def test_refined_inversion_brings_the_worlds_scenes_back_closer_than_plain_ddim(
 
 def test_moa_swaps_the_creature_and_keep_outside_holds_the_scene(figures):
     moa_ratio = (figures["outside_moa"] / figures["inside_moa"]).median()
-    assert moa_ratio < 0.9, figures  # 0.08-0.63
-    assert (figures["outside_moa"] / figures["outside_personal"]).median() < 0.7, figures  # 0.14-0.42
-    assert figures["outside_keep"].mean() < 0.25 * figures["inside_keep"].mean(), figures  # 0.003-0.15
-    assert figures["outside_keep"].mean() < 0.4 * figures["outside_moa"].mean(), figures  # 0.02-0.31
+    assert moa_ratio < 0.9, figures  # 0.10-0.56
+    assert (figures["outside_moa"] / figures["outside_personal"]).median() < 0.7, figures  # 0.09-0.47
+    assert figures["outside_keep"].mean() < 0.25 * figures["inside_keep"].mean(), figures  # 0.008-0.094
+    assert figures["outside_keep"].mean() < 0.4 * figures["outside_moa"].mean(), figures  # 0.07-0.26
     # keep_outside holds the scene, not the creature: inside, it changes about as much as without it
-    assert figures["inside_keep"].mean() > 0.75 * figures["inside_moa"].mean(), figures  # 0.87-0.97
+    assert figures["inside_keep"].mean() > 0.75 * figures["inside_moa"].mean(), figures  # 0.86-0.97

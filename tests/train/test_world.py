@@ -16,9 +16,9 @@ def trained(tmp_path_factory):
 
 
 def test_routers_learn_the_subject_on_held_out_scenes(trained):
-    # world 2's shipped prior, runs of seeds 0-3: r0 background 0.746-0.753 (sd 0.003), subject
-    # 0.229-0.250 (sd 0.009), background - subject 0.504-0.521 (sd 0.008); the floors sit about 15 sd
-    # below the worst run (a constant router, the failure, leaves them within 0.2)
+    # world 2's shipped prior, runs of seeds 0-3 (fuser 128 wide): r0 background 0.746-0.753 (sd
+    # 0.003), subject 0.228-0.249 (sd 0.009), background - subject 0.503-0.521 (sd 0.008); the floors
+    # sit about 15 sd below the worst run (a constant router, the failure, leaves them within 0.2)
     router = held_out_router(trained)
     assert router["prior_background"] > BACKGROUND_FLOOR
     assert router["prior_subject"] < router["prior_background"] - SEPARATION
