@@ -2,7 +2,7 @@
 two held-out identities for MoA Subject.
 
 `python -m moa_world demo-weights [--steps N]` rewrites them from nothing (data seed 0, run seed 0,
-one torch thread: the same command gives the same file). About half an hour on one core.
+one torch thread: the same command gives the same file); docs/small-world.md, *The demo*, has its time.
 """
 
 import argparse
@@ -22,7 +22,7 @@ MOA_FOLDER = ASSETS / "moa"
 MOA_FILE = MOA_FOLDER / "moa_world.safetensors"
 SUBJECTS = ASSETS / "subjects"
 DEMO_IDENTITIES = (scenes.HELD_OUT[0], scenes.HELD_OUT[4])  # an orange cat with a white rear, a brown white-headed dog
-DEMO_STEPS = 3000  # the evaluation's run length: these weights are its seed-0 run's
+DEMO_STEPS = 3000  # the evaluation's run length (evaluate.Plan.moa_steps)
 
 
 def subject_file(identity: scenes.Identity) -> Path:
